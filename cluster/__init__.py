@@ -1,0 +1,1 @@
+"""Cluster configs and `ray job submit` entrypoints."""

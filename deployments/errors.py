@@ -1,0 +1,94 @@
+"""Every error the service raises on purpose, each with the HTTP status it maps to.
+
+    LoraServeError                      500  base class; `status_code` and `code` live on the class
+    ├── InvalidRequestError             400  a request the service understands but refuses (limits)
+    ├── InvalidAdapterIdError           400  an adapter id with path tricks or bad characters
+    ├── AdapterNotFoundError            404  no such adapter (or not visible to the caller)
+    ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
+    ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
+    ├── SourceUnavailableError          503  S3 / the Hub / a folder could not be reached (retry later)
+    └── EngineClosedError               503  the engine was shut down
+
+Errors cross Ray actor boundaries pickled, so every constructor argument is passed on to
+`Exception.__init__` (Ray issue #50211); `tests/test_errors.py` checks that each one round-trips.
+The mapping to HTTP happens in one place, from `status_code`; nothing matches on message text.
+"""
+
+from __future__ import annotations
+
+
+class LoraServeError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *args: object) -> None:
+        super().__init__(message, *args)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_json(self) -> dict:
+        return {"error": {"type": self.code, "message": self.message}}
+
+
+class InvalidRequestError(LoraServeError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class InvalidAdapterIdError(LoraServeError):
+    status_code = 400
+    code = "invalid_adapter_id"
+
+
+class AdapterNotFoundError(LoraServeError):
+    status_code = 404
+    code = "adapter_not_found"
+
+
+class InvalidAdapterError(LoraServeError):
+    """A checkpoint refused before anything was copied; `reason` is one of `REASONS`."""
+
+    status_code = 422
+    code = "invalid_adapter"
+    REASONS = (
+        "missing_file",
+        "corrupt_file",
+        "pickle_file",
+        "invalid_config",
+        "unsupported_peft_type",
+        "unsupported_feature",
+        "base_model_mismatch",
+        "rank_too_large",
+        "unknown_target_module",
+        "shape_mismatch",
+        "non_finite",
+        "too_large",
+    )
+
+    def __init__(self, message: str, reason: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown InvalidAdapterError reason {reason!r}")
+        super().__init__(message, reason)
+        self.reason = reason
+
+    def to_json(self) -> dict:
+        body = super().to_json()
+        body["error"]["reason"] = self.reason
+        return body
+
+
+class SlotsExhaustedError(LoraServeError):
+    status_code = 503
+    code = "slots_exhausted"
+
+
+class SourceUnavailableError(LoraServeError):
+    status_code = 503
+    code = "source_unavailable"
+
+
+class EngineClosedError(LoraServeError):
+    status_code = 503
+    code = "engine_closed"
