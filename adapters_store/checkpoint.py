@@ -23,11 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
+from adapters_store.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES
 from deployments.errors import InvalidAdapterError
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_WEIGHT_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 DEFAULT_MAX_SIZE_BYTES = 512 * 1024 * 1024
 
 _KEY_PATTERN = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>A|B)(?:\.[^.]+)?\.weight$")

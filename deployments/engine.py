@@ -262,6 +262,9 @@ class Engine:
         """Forget an adapter: its slot is zeroed and freed, queued requests for it fail with 404."""
 
         def delete() -> None:
+            known = adapter_id in self.pool or adapter_id in self.host_cache or adapter_id in self._local_adapters
+            if not known:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
             slot = self.pool.discard(adapter_id, force=True)
             if slot is not None:
                 self.slot_model.clear_slot(slot)

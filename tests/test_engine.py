@@ -141,6 +141,8 @@ def test_delete_zeroes_the_slot_and_refuses_later_requests(engine_factory, adapt
         assert not layer.lora_a[slot].any() and not layer.lora_b[slot].any()
     with pytest.raises(AdapterNotFoundError):
         engine.submit("x", "acme/a0")
+    with pytest.raises(AdapterNotFoundError):
+        engine.delete_adapter("acme/a0")
 
 
 def test_new_version_swaps_in_between_batches(engine_factory, adapters):

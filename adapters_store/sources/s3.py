@@ -1,0 +1,188 @@
+"""S3Source: adapters under `s3://bucket/<prefix>/<tenant>/<name>/`, through boto3.
+
+Credentials come from boto3's standard chain (env, profile, instance role); `endpoint_url` points it
+at MinIO, moto or another S3-compatible store. A version joins the files' ETags, taken from the
+listing (one paginated LIST per sync, no HEAD per adapter). A download asks for exactly the listed
+ETag (`IfMatch`), so a file replaced between listing and download is refused, not mixed in.
+
+Two layers of retry: botocore's own (`botocore_max_attempts`, standard mode) for a single call,
+and `RetryPolicy` around whole operations for connection errors, throttling and 5xx. After them,
+an unreachable endpoint, a missing bucket or refused credentials is a SourceUnavailableError
+with the reason; raw botocore errors never leave this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import HTTPClientError, IncompleteReadError
+
+from adapters_store.adapter_ids import S3Uri, parse_adapter_id, parse_s3_uri, validate_adapter_id
+from adapters_store.sources.base import (
+    KNOWN_FILES,
+    ParallelFetch,
+    Progress,
+    RemoteAdapter,
+    RemoteFile,
+    RetryPolicy,
+    files_to_fetch,
+    publish_folder,
+)
+from deployments.errors import AdapterNotFoundError, InvalidAdapterIdError, InvalidRequestError, SourceUnavailableError
+
+T = TypeVar("T")
+_CHUNK_BYTES = 1 << 20
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                    "ServiceUnavailable"}
+_REASONS = {
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "access denied: check the credentials and the bucket policy",
+    "InvalidAccessKeyId": "the access key is not known to this endpoint",
+    "SignatureDoesNotMatch": "the secret key does not match the access key",
+    "PermanentRedirect": "the bucket is in another region: set the region",
+}
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+        return True
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return error.response.get("Error", {}).get("Code") in _TRANSIENT_CODES or status >= 500
+    return False
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+class S3Source(ParallelFetch):
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        retry: RetryPolicy = RetryPolicy(),
+        botocore_max_attempts: int = 3,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 30.0,
+        show_progress: bool = False,
+        session: boto3.session.Session | None = None,
+    ) -> None:
+        uri = parse_s3_uri(f"s3://{bucket}/{prefix}")  # same checks as a URI in config
+        self.bucket, self.prefix = uri.bucket, uri.prefix
+        self.retry = retry
+        self._progress = Progress(show_progress)
+        config = Config(
+            retries={"total_max_attempts": botocore_max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout_s,
+            read_timeout=read_timeout_s,
+            max_pool_connections=32,
+        )
+        # boto3 clients are thread-safe (sessions are not): one client serves every fetch thread.
+        self._client = (session or boto3.session.Session()).client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config
+        )
+        self._endpoint = endpoint_url or "AWS S3"
+        self.skipped: dict[str, str] = {}  # the last listing's folders that are not valid ids, with why
+
+    @classmethod
+    def from_uri(cls, uri: S3Uri, **options: Any) -> "S3Source":
+        return cls(uri.bucket, uri.prefix, **options)
+
+    def __repr__(self) -> str:
+        return f"S3Source({str(S3Uri(self.bucket, self.prefix))!r}, endpoint={self._endpoint!r})"
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run one S3 operation under the retry policy; translate what escapes into typed errors."""
+        try:
+            return self.retry.call(fn, _is_transient, what)
+        except ClientError as error:
+            code = _error_code(error)
+            reason = _REASONS.get(code, f"{code}: {error.response.get('Error', {}).get('Message', '')}")
+            raise SourceUnavailableError(f"{what} on {self._endpoint} failed: {reason}") from error
+        except BotoCoreError as error:
+            raise SourceUnavailableError(f"{what} on {self._endpoint} failed: {error}") from error
+
+    def _key_prefix(self, relative: str = "") -> str:
+        return "/".join(p for p in (self.prefix, relative) if p) + "/"
+
+    def _list(self, relative: str = "") -> list[dict[str, Any]]:
+        def run() -> list[dict[str, Any]]:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key_prefix(relative))
+            return [obj for page in pages for obj in page.get("Contents", [])]
+        return self._call(f"listing s3://{self.bucket}/{self._key_prefix(relative)}", run)
+
+    def _group(self, objects: list[dict[str, Any]]) -> tuple[dict[str, RemoteAdapter], dict[str, str]]:
+        """Objects at `<prefix>/<tenant>/<name>/<known file>` grouped into adapters; others ignored."""
+        by_id: dict[str, dict[str, RemoteFile]] = {}
+        skipped: dict[str, str] = {}
+        base = len(self._key_prefix())
+        for obj in objects:
+            parts = obj["Key"][base:].split("/")
+            if len(parts) != 3 or parts[2] not in KNOWN_FILES:
+                continue
+            adapter_id = f"{parts[0]}/{parts[1]}"
+            try:
+                parse_adapter_id(adapter_id)
+            except InvalidAdapterIdError as error:
+                skipped[f"s3://{self.bucket}/{self._key_prefix(adapter_id)}"] = str(error)
+                continue
+            by_id.setdefault(adapter_id, {})[parts[2]] = RemoteFile(parts[2], obj["Size"], obj["ETag"].strip('"'))
+        adapters = {}
+        for adapter_id, found in by_id.items():
+            files = tuple(found[name] for name in KNOWN_FILES if name in found)
+            location = str(S3Uri(self.bucket, self._key_prefix(adapter_id).rstrip("/")))
+            adapters[adapter_id] = RemoteAdapter(adapter_id, location, "+".join(f.etag for f in files), files)
+        return adapters, skipped
+
+    def list_adapters(self) -> dict[str, RemoteAdapter]:
+        adapters, self.skipped = self._group(self._list())
+        return adapters
+
+    def version_of(self, adapter: RemoteAdapter) -> str:
+        """One LIST of the adapter's folder: the same numbers as the full listing, for one adapter."""
+        current = self._group(self._list(validate_adapter_id(adapter.adapter_id)))[0].get(adapter.adapter_id)
+        if current is None:
+            raise AdapterNotFoundError(f"adapter {adapter.adapter_id} is no longer in s3://{self.bucket}/{self.prefix}")
+        return current.version
+
+    def fetch(self, adapter: RemoteAdapter, dest_dir: Path) -> Path:
+        where = parse_s3_uri(adapter.location)
+        if where.bucket != self.bucket:
+            raise InvalidRequestError(f"{adapter.location} is not in bucket {self.bucket}")
+        wanted = files_to_fetch(adapter)
+
+        def write(tmp: Path) -> None:
+            for remote in wanted:
+                key = f"{where.prefix}/{remote.name}"
+                self._call(f"downloading s3://{self.bucket}/{key}",
+                           lambda: self._download(key, remote, tmp / remote.name, adapter.adapter_id))
+
+        return publish_folder(dest_dir, write)
+
+    def _download(self, key: str, remote: RemoteFile, dest: Path, adapter_id: str) -> None:
+        """One GET, streamed to `dest` (inside the temp folder; a retry starts the file over)."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key, IfMatch=f'"{remote.etag}"')
+        except ClientError as error:
+            if _error_code(error) in ("PreconditionFailed", "NoSuchKey"):
+                raise SourceUnavailableError(
+                    f"s3://{self.bucket}/{key} changed since it was listed; sync again to pick up the new version"
+                ) from error
+            raise
+        body = response["Body"]
+        try:
+            with open(dest, "wb") as f, self._progress.file(f"{adapter_id}/{remote.name}", remote.size_bytes) as step:
+                for chunk in body.iter_chunks(_CHUNK_BYTES):
+                    f.write(chunk)
+                    step(len(chunk))
+        finally:
+            body.close()

@@ -1,0 +1,70 @@
+"""`build_app(args)`: the application `serve run` / `serve deploy` import (`deployments.app:build_app`).
+
+Wires the HTTP ingress (`Router`) to the `LoraReplica` deployment. The replicas' `user_config` is
+`args.replica` (engine settings + adapters): Ray Serve hands it to `LoraReplica.reconfigure`.
+
+Note for `serve deploy`: a change to the application's `args` is a new code version, so Serve
+restarts every replica. To change adapters in place (reconfigure, no restart), override the
+replicas' user_config in the deploy config instead; it replaces `args.replica` as a whole:
+
+    applications:
+      - import_path: deployments.app:build_app
+        args: {...}
+        deployments:
+          - name: LoraReplica
+            user_config: {base_model: ..., adapters: {acme/pirate: /path/to/adapter}}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from deployments.replica import LoraReplica, ReplicaSettings
+from deployments.router import Router
+
+__all__ = ["AppArgs", "build_app"]
+
+ROUTER_MAX_ONGOING_REQUESTS = 1000  # the ingress only awaits replicas; it is never the bottleneck
+
+
+class AppArgs(BaseModel):
+    """The application's `args` in serve_config.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(2, ge=1, le=1024, description="LoraReplica replicas")
+    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs per replica; also its torch thread count")
+    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU node)")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="requests a replica takes at once; default 2 x max_batch_size, so a batch can fill"
+    )
+    served_model_name: str | None = Field(
+        None, min_length=1, description="the `model` value that means the base model; default: its name"
+    )
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="the replicas' user_config")
+
+    def base_model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if self.replica.base_model_path:
+            return Path(self.replica.base_model_path).name
+        return self.replica.base_model
+
+
+def build_app(args: dict | None = None) -> Application:
+    settings = AppArgs.model_validate(args or {})
+    replicas = LoraReplica.options(
+        num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests or 2 * settings.replica.max_batch_size,
+        ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
+        user_config=settings.replica.model_dump(mode="json"),
+    )
+    router = Router.options(
+        num_replicas=1,
+        max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return router.bind(replicas.bind(), {"base_model_name": settings.base_model_name()})
