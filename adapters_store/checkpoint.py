@@ -49,6 +49,8 @@ class PeftLoraConfig(BaseModel):
     lora_bias: bool = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
+    layer_replication: list | None = None
+    alora_invocation_tokens: list[int] | None = None
 
     def rank_for(self, module_name: str) -> int:
         return self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
@@ -86,7 +88,8 @@ class LoraCheckpoint:
     config: PeftLoraConfig
     modules: Mapping[str, LoraModuleWeights]
     size_bytes: int
-    sha256: str
+    sha256: str  # of adapter_model.safetensors
+    version: str  # of the config and the weights together: a config-only change is a new version
 
     @property
     def max_rank(self) -> int:
@@ -138,11 +141,13 @@ def checkpoint_from_bytes(config_dict: object, weights: bytes) -> LoraCheckpoint
     except (SafetensorError, ValueError, RuntimeError) as error:
         raise InvalidAdapterError(f"{ADAPTER_WEIGHTS_FILE} is not a readable safetensors file: {error}", "corrupt_file") from None
     checkpoint = checkpoint_from_state_dict(config_dict, tensors)
+    weights_sha256 = hashlib.sha256(weights).hexdigest()
     return LoraCheckpoint(
         config=checkpoint.config,
         modules=checkpoint.modules,
         size_bytes=len(weights),
-        sha256=hashlib.sha256(weights).hexdigest(),
+        sha256=weights_sha256,
+        version=_version(config_dict, weights_sha256),
     )
 
 
@@ -167,7 +172,20 @@ def checkpoint_from_state_dict(config_dict: object, tensors: Mapping[str, torch.
             raise InvalidAdapterError(f"module {name!r} has lora_{''.join(pair)} but not both A and B", "corrupt_file")
         modules[name] = LoraModuleWeights(lora_a=pair["A"], lora_b=pair["B"], scaling=config.scaling_for(name))
     size_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return LoraCheckpoint(config=config, modules=modules, size_bytes=size_bytes, sha256="")
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    weights_sha256 = digest.hexdigest()
+    return LoraCheckpoint(
+        config=config, modules=modules, size_bytes=size_bytes, sha256=weights_sha256,
+        version=_version(config_dict, weights_sha256),
+    )
+
+
+def _version(config_dict: dict, weights_sha256: str) -> str:
+    config_json = json.dumps(config_dict, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{config_json}\n{weights_sha256}".encode()).hexdigest()
 
 
 def parse_config(config_dict: object) -> PeftLoraConfig:
@@ -184,6 +202,8 @@ def parse_config(config_dict: object) -> PeftLoraConfig:
         "use_dora": "DoRA adapters need a magnitude vector per module and cannot share a slot",
         "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters do not fit Linear base layers",
         "lora_bias": "LoRA biases are not supported",
+        "layer_replication": "layer_replication re-stacks the base model's layers, which are shared by every slot",
+        "alora_invocation_tokens": "Activated LoRA applies the adapter from its invocation tokens on; slots apply it to every token",
     }
     for field, why in refusals.items():
         if getattr(config, field):
@@ -223,17 +243,17 @@ def validate_checkpoint(checkpoint: LoraCheckpoint, geometry: SlotGeometry) -> N
         if lora_a.ndim != 2 or lora_b.ndim != 2:
             raise InvalidAdapterError(f"{name}: LoRA weights must be matrices", "shape_mismatch")
         rank = lora_a.shape[0]
-        if rank > geometry.max_rank:
-            raise InvalidAdapterError(
-                f"{name}: rank {rank} is larger than the server's max_rank {geometry.max_rank}; "
-                "ask for a larger max_rank or retrain with a smaller r",
-                "rank_too_large",
-            )
         if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
             raise InvalidAdapterError(
                 f"{name}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not fit the base "
                 f"layer ({in_features} -> {out_features}, expected A [r, {in_features}] and B [{out_features}, r])",
                 "shape_mismatch",
+            )
+        if rank > geometry.max_rank:
+            raise InvalidAdapterError(
+                f"{name}: rank {rank} is larger than the server's max_rank {geometry.max_rank}; "
+                "ask for a larger max_rank or retrain with a smaller r",
+                "rank_too_large",
             )
         if rank != checkpoint.config.rank_for(name):
             raise InvalidAdapterError(
@@ -243,7 +263,8 @@ def validate_checkpoint(checkpoint: LoraCheckpoint, geometry: SlotGeometry) -> N
         for part, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
             if not tensor.is_floating_point():
                 raise InvalidAdapterError(f"{name}.{part} has dtype {tensor.dtype}, not a float type", "corrupt_file")
-            if not bool(torch.isfinite(tensor).all()):
+            checkable = tensor if tensor.element_size() > 1 else tensor.float()  # no isfinite for float8
+            if not bool(torch.isfinite(checkable).all()):
                 raise InvalidAdapterError(f"{name}.{part} holds NaN or infinite values", "non_finite")
 
 

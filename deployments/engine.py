@@ -240,7 +240,7 @@ class Engine:
         Registering an id again with new weights swaps them into its slot between batches.
         """
         checkpoint = read_checkpoint(folder, max_size_bytes=self.config.max_adapter_bytes)
-        version = checkpoint.sha256
+        version = checkpoint.version
         self.update_adapter(adapter_id, checkpoint, version)
         self._local_adapters[adapter_id] = Path(folder)
         return version
@@ -406,7 +406,7 @@ class Engine:
         folder = self._local_adapters.get(adapter_id)
         if folder is not None:
             checkpoint = read_checkpoint(folder, max_size_bytes=self.config.max_adapter_bytes)
-            return checkpoint, checkpoint.sha256
+            return checkpoint, checkpoint.version
         if self._resolver is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
         return self._resolver(adapter_id)

@@ -104,7 +104,7 @@ def test_two_requests_for_one_cold_adapter_load_it_once(engine_factory, adapters
         calls.append(adapter_id)
         time.sleep(0.3)
         checkpoint = read_checkpoint(adapters[int(adapter_id[-1])])
-        return checkpoint, checkpoint.sha256
+        return checkpoint, checkpoint.version
 
     engine = engine_factory()
     engine._resolver = slow_resolver
@@ -164,7 +164,7 @@ def test_new_version_swaps_in_between_batches(engine_factory, adapters):
     updater.join()
     assert in_flight_text == old_text
     assert engine.generate(prompt, "acme/x", max_tokens=tokens).text == new_text
-    assert engine.adapter_version("acme/x") == read_checkpoint(adapters[1]).sha256
+    assert engine.adapter_version("acme/x") == read_checkpoint(adapters[1]).version
 
 
 def test_limits_are_refused_before_queueing(engine_factory):

@@ -1,0 +1,94 @@
+"""Every error class in `deployments.errors` survives pickling (Ray actor boundaries) intact."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+
+import pytest
+
+from deployments import errors
+from deployments.errors import InvalidAdapterError, LoraServeError
+
+ERROR_CLASSES = sorted(
+    (obj for obj in vars(errors).values() if inspect.isclass(obj) and issubclass(obj, LoraServeError)),
+    key=lambda cls: cls.__name__,
+)
+
+
+def _instances():
+    """One instance per class (every reason for InvalidAdapterError), built as the service builds them."""
+    for cls in ERROR_CLASSES:
+        if cls is InvalidAdapterError:
+            for reason in InvalidAdapterError.REASONS:
+                yield pytest.param(cls, (f"refused: {reason}", reason), id=f"{cls.__name__}-{reason}")
+        else:
+            yield pytest.param(cls, (f"{cls.__name__} happened: fix it like so",), id=cls.__name__)
+
+
+def test_every_error_class_is_found():
+    names = {cls.__name__ for cls in ERROR_CLASSES}
+    assert names == {
+        "LoraServeError",
+        "InvalidRequestError",
+        "InvalidAdapterIdError",
+        "AdapterNotFoundError",
+        "InvalidAdapterError",
+        "SlotsExhaustedError",
+        "SourceUnavailableError",
+        "EngineClosedError",
+    }
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("cls, args", list(_instances()))
+def test_error_pickles_with_its_fields(cls, args, protocol):
+    error = cls(*args)
+    clone = pickle.loads(pickle.dumps(error, protocol=protocol))
+    assert type(clone) is cls
+    assert clone.message == error.message == args[0]
+    assert str(clone) == args[0]
+    assert clone.args == error.args == args
+    assert clone.status_code == cls.status_code
+    assert clone.code == cls.code
+    assert clone.to_json() == error.to_json()
+    if cls is InvalidAdapterError:
+        assert clone.reason == args[1]
+        assert clone.to_json()["error"]["reason"] == args[1]
+
+
+@pytest.mark.parametrize("cls, args", list(_instances()))
+def test_error_survives_deepcopy_and_raise(cls, args):
+    clone = copy.deepcopy(cls(*args))
+    with pytest.raises(cls) as info:
+        raise clone
+    assert info.value.message == args[0]
+    assert vars(info.value) == vars(cls(*args))
+
+
+def test_extra_constructor_arguments_round_trip():
+    error = errors.SourceUnavailableError("s3 timed out", "bucket", 3)
+    clone = pickle.loads(pickle.dumps(error))
+    assert clone.args == ("s3 timed out", "bucket", 3)
+    assert clone.message == "s3 timed out"
+
+
+def test_status_codes_and_codes_are_distinct_per_class():
+    codes = [cls.code for cls in ERROR_CLASSES]
+    assert len(codes) == len(set(codes))
+    assert {cls.__name__: cls.status_code for cls in ERROR_CLASSES} == {
+        "LoraServeError": 500,
+        "InvalidRequestError": 400,
+        "InvalidAdapterIdError": 400,
+        "AdapterNotFoundError": 404,
+        "InvalidAdapterError": 422,
+        "SlotsExhaustedError": 503,
+        "SourceUnavailableError": 503,
+        "EngineClosedError": 503,
+    }
+
+
+def test_invalid_adapter_error_refuses_an_unknown_reason():
+    with pytest.raises(ValueError, match="not_a_reason"):
+        InvalidAdapterError("bad", "not_a_reason")
