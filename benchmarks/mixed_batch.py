@@ -14,8 +14,8 @@ Three paths, same run, same prompts (8 different lengths, left-padded), greedy, 
               `generate(input_ids, attention_mask, adapter_names=[...], max_new_tokens=N,
               do_sample=False)`. Eager because compiled it recompiles for every new mix.
 
-Every row runs exactly N steps: eos is ignored on all three paths (the generators'
-`eos_ids` is emptied, and the PEFT copy's generation config has no eos token), so the paths do
+Every row runs exactly N steps: eos is ignored on all three paths (the generator rows
+set `ignore_eos`, and the PEFT copy's generation config has no eos token), so the paths do
 the same work and their greedy texts can be compared (`rows_equal_to_peft`: fp32 should give 8).
 
 Tokens/s = generated tokens / wall time of the whole batch (prefill included), median over
@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
             model, tokenizer, set_slot_ids, max_batch_size=BATCH, max_seq_len=max_seq_len,
             compile_decode=compile_on, compile_mode=args.compile_mode,
         )
-        generator.eos_ids = frozenset()  # ignore eos: every row runs `tokens` steps
         generators[name] = generator
     log(
         f"{BATCH} rows, prompts {min(map(len, prompt_ids))}-{longest} tokens, {tokens} new tokens each, "
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [
             GenerationRow(
                 prompt_ids=prompt_ids[row],
-                params=SamplingParams(max_tokens=tokens),
+                params=SamplingParams(max_tokens=tokens, ignore_eos=True),
                 slot=(order[row] + 1) if name == "mixed" else 0,
                 emit=lambda text, _token, row=row: texts[row].append(text),
                 finish=lambda *_: None,
@@ -191,7 +190,7 @@ class PeftPath:
         from peft import get_peft_model, set_peft_model_state_dict
 
         self.tokens, self.tokenizer = tokens, tokenizer
-        # No eos on this copy: like the generators with `eos_ids` emptied, every row runs `tokens`.
+        # No eos on this copy: like the generator rows with `ignore_eos`, every row runs `tokens`.
         model.generation_config.eos_token_id = None
         self.model = None
         for index, adapter in enumerate(adapters):

@@ -31,6 +31,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens (benchmarks, vLLM's option of the same name)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -235,7 +236,7 @@ class BatchGenerator:
             row.done = True
             row.finish("cancelled", row.generated)
             return
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.params.ignore_eos:
             row.done = True
             tail = stream.flush()
             if tail:

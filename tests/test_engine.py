@@ -204,3 +204,12 @@ def test_closed_engine_refuses_work(engine_factory):
     engine.close()
     with pytest.raises(EngineClosedError):
         engine.submit("x")
+
+
+def test_ignore_eos_runs_to_max_tokens(engine_factory):
+    engine = engine_factory()
+    engine.generator.eos_ids = frozenset(range(len(engine.tokenizer)))  # every token ends a row
+    stopped = engine.generate("hi", None, max_tokens=5)
+    forced = engine.generate("hi", None, max_tokens=5, ignore_eos=True)
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens == 1
+    assert forced.finish_reason == "length" and forced.completion_tokens == 5
