@@ -7,7 +7,10 @@
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
     ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
     ├── SourceUnavailableError          503  S3 / the Hub / a folder could not be reached (retry later)
-    └── EngineClosedError               503  the engine was shut down
+    ├── EngineClosedError               503  the engine was shut down
+    └── ManifestError                   500  the adapter registry's manifest cannot be read:
+        ├── ManifestCorruptError             the store must not start from an empty registry
+        └── ManifestVersionError             written by a newer lora-serve
 
 Errors cross Ray actor boundaries pickled, so every constructor argument is passed on to
 `Exception.__init__` (Ray issue #50211); `tests/test_errors.py` checks that each one round-trips.
@@ -92,3 +95,18 @@ class SourceUnavailableError(LoraServeError):
 class EngineClosedError(LoraServeError):
     status_code = 503
     code = "engine_closed"
+
+
+class ManifestError(LoraServeError):
+    """The manifest could not be read; the store must not start from an empty registry."""
+
+    status_code = 500
+    code = "manifest_error"
+
+
+class ManifestCorruptError(ManifestError):
+    code = "manifest_corrupt"
+
+
+class ManifestVersionError(ManifestError):
+    code = "manifest_version"

@@ -38,6 +38,9 @@ def test_every_error_class_is_found():
         "SlotsExhaustedError",
         "SourceUnavailableError",
         "EngineClosedError",
+        "ManifestError",
+        "ManifestCorruptError",
+        "ManifestVersionError",
     }
 
 
@@ -86,6 +89,9 @@ def test_status_codes_and_codes_are_distinct_per_class():
         "SlotsExhaustedError": 503,
         "SourceUnavailableError": 503,
         "EngineClosedError": 503,
+        "ManifestError": 500,
+        "ManifestCorruptError": 500,
+        "ManifestVersionError": 500,
     }
 
 
