@@ -239,8 +239,7 @@ class Engine:
 
         Registering an id again with new weights swaps them into its slot between batches.
         """
-        checkpoint = read_checkpoint(folder, max_size_bytes=self.config.max_adapter_bytes)
-        version = checkpoint.version
+        checkpoint, version = self._read_folder(folder)
         self.update_adapter(adapter_id, checkpoint, version)
         self._local_adapters[adapter_id] = Path(folder)
         return version
@@ -402,11 +401,14 @@ class Engine:
 
     # ---- internals ------------------------------------------------------------------------
 
+    def _read_folder(self, folder: str | Path) -> tuple[LoraCheckpoint, str]:
+        checkpoint = read_checkpoint(folder, max_size_bytes=self.config.max_adapter_bytes)
+        return checkpoint, checkpoint.version
+
     def _resolve(self, adapter_id: str) -> tuple[LoraCheckpoint, str]:
         folder = self._local_adapters.get(adapter_id)
         if folder is not None:
-            checkpoint = read_checkpoint(folder, max_size_bytes=self.config.max_adapter_bytes)
-            return checkpoint, checkpoint.version
+            return self._read_folder(folder)
         if self._resolver is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
         return self._resolver(adapter_id)

@@ -237,11 +237,7 @@ class BatchGenerator:
             row.finish("cancelled", row.generated)
             return
         if token in self.eos_ids and not row.params.ignore_eos:
-            row.done = True
-            tail = stream.flush()
-            if tail:
-                row.emit(tail, token)
-            row.finish("stop", row.generated)
+            self._end(row, stream, token, "stop")
             return
         text, stopped = stream.push(token)
         if text:
@@ -250,11 +246,16 @@ class BatchGenerator:
             row.done = True
             row.finish("stop", row.generated)
         elif row.generated >= row.params.max_tokens or position + 1 >= self.max_seq_len:
-            row.done = True
-            tail = stream.flush()
-            if tail:
-                row.emit(tail, token)
-            row.finish("length", row.generated)
+            self._end(row, stream, token, "length")
+
+    @staticmethod
+    def _end(row: GenerationRow, stream: TextStream, token: int, reason: str) -> None:
+        """Finish a row, sending first the text held back for a possible stop string."""
+        row.done = True
+        tail = stream.flush()
+        if tail:
+            row.emit(tail, token)
+        row.finish(reason, row.generated)
 
     @staticmethod
     def _pick_tokens(logits: torch.Tensor, samplers: list[_RowSampler]) -> list[int]:
