@@ -54,6 +54,7 @@ __all__ = [
     "ManifestError",
     "ManifestVersionError",
     "Registry",
+    "SourceSpec",
     "backup_path",
     "load_manifest",
     "manifest_from_bytes",
@@ -209,6 +210,50 @@ class AdapterRecord(BaseModel):
         return self.current.status if self.current is not None else None
 
 
+SECRET_OPTIONS = ("token", "session", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+
+
+class SourceSpec(BaseModel):
+    """A source the store watches: a root of `<tenant>/<name>/` folders, or (with `adapter_id`)
+    one adapter's folder. Persisted in the manifest, so credentials never go in `options`: they
+    come from the standard chains (AWS_*/~/.aws, HF_TOKEN/the saved login)."""
+
+    model_config = _FROZEN
+
+    uri: str = Field(description="s3://bucket/prefix, hf://org/repo[/sub]@revision, or a local folder")
+    adapter_id: Optional[str] = Field(default=None, description="set: the URI is this one adapter's folder")
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="source options, e.g. endpoint_url, region, cache_dir, endpoint"
+    )
+    adapters: list[str] = Field(default_factory=list, description="the ids it listed last time, sorted")
+    excluded: list[str] = Field(default_factory=list, description="ids deleted by an admin: not re-registered")
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        return str(parse_source_uri(value))
+
+    @field_validator("adapter_id")
+    @classmethod
+    def _valid_id(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else validate_adapter_id(value)
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, value: dict) -> dict:
+        secret = sorted(set(value) & set(SECRET_OPTIONS))
+        if secret:
+            raise ValueError(
+                f"options {secret} are credentials and would be written to the manifest; "
+                "use the environment (AWS_* variables, HF_TOKEN) or the default credential files")
+        return value
+
+    @property
+    def key(self) -> str:
+        """What identifies the spec: its URI, plus the adapter id in single-adapter mode."""
+        return f"{self.uri}#{self.adapter_id}" if self.adapter_id else self.uri
+
+
 class Manifest(BaseModel):
     """The persisted registry: `format_version` guards against reading a newer writer's file."""
 
@@ -216,6 +261,7 @@ class Manifest(BaseModel):
 
     format_version: int = Field(default=MANIFEST_FORMAT_VERSION, ge=1)
     records: dict[str, AdapterRecord] = Field(default_factory=dict)
+    sources: list[SourceSpec] = Field(default_factory=list, description="what the store watches")
 
     @model_validator(mode="after")
     def _keys_match_ids(self) -> "Manifest":

@@ -268,3 +268,84 @@ def graphs_compiled() -> int:
 
 def rounded(value: float, digits: int = 3) -> float | None:
     return None if value is None or math.isnan(value) else round(value, digits)
+
+
+# ---- adapters as files, and a local Ray + Serve for the store benchmarks -----------------
+
+
+def adapter_files(adapter: SyntheticAdapter, base_model_name: str | None = None) -> dict[str, bytes]:
+    """The two files of a PEFT adapter folder, as bytes: `adapter_config.json` and
+    `adapter_model.safetensors` (PEFT's saved key names). `base_model_name` goes into
+    `base_model_name_or_path` only when given: it must be the served model's name, or the
+    store refuses the adapter (`base_model_mismatch`)."""
+    from safetensors.torch import save
+
+    from adapters_store.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
+    config = dict(adapter.config)
+    if base_model_name is not None:
+        config["base_model_name_or_path"] = base_model_name
+    weights = save({k: v.contiguous() for k, v in adapter.state_dict.items()}, metadata={"format": "pt"})
+    return {ADAPTER_CONFIG_FILE: json.dumps(config, indent=2).encode(), ADAPTER_WEIGHTS_FILE: weights}
+
+
+def engine_model_name(model: str) -> str:
+    """`--model` -> the EngineConfig.base_model the replicas serve (no llama-1b: it has no name there)."""
+    from deployments.base_model import SMOLLM2_NAME, TINY_NAME
+
+    names = {"smollm2": SMOLLM2_NAME, "tiny": TINY_NAME}
+    if model not in names:
+        raise SystemExit(f"--model {model}: the Serve benchmarks run smollm2 or tiny")
+    return names[model]
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Poll `predicate` until it returns something truthy (returned); SystemExit after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def ray_processes_left() -> list[str]:
+    """This process's Ray children (raylet, gcs_server, workers) still alive: [] after a clean
+    `ray.shutdown()`. Only our own descendants count: other sessions' clusters are not ours."""
+    import psutil
+
+    left = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{child.pid} {child.name()}")
+        except psutil.Error:
+            continue
+    return left
+
+
+def descendant_cpu_clock(marker: str):
+    """A function returning the CPU seconds (user + system) used so far by this process's
+    descendant whose command line contains `marker` (e.g. a Ray actor's `ray::ServeReplica:app:...`
+    title), or None if there is none. CPU time, unlike wall time, does not count the time other
+    processes on a shared machine hold the core (Ray workers run at nice 15)."""
+    import psutil
+
+    found = None
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if marker in " ".join(child.cmdline()):
+                found = child
+                break
+        except psutil.Error:
+            continue
+    if found is None:
+        return None
+
+    def clock() -> float:
+        times = found.cpu_times()
+        return times.user + times.system
+
+    return clock

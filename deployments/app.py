@@ -22,8 +22,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
+from adapters_store.syncer import SourceInput, StoreConfig
 from deployments.replica import LoraReplica, ReplicaSettings
+from deployments.request_router import affinity_request_router_config
 from deployments.router import Router
+from deployments.tenants import TenantsConfig
 
 __all__ = ["AppArgs", "build_app"]
 
@@ -44,7 +47,33 @@ class AppArgs(BaseModel):
     served_model_name: str | None = Field(
         None, min_length=1, description="the `model` value that means the base model; default: its name"
     )
+    max_queued_requests: int = Field(
+        64, ge=-1, description="requests waiting for a replica before callers get 503 + Retry-After (-1: no limit)"
+    )
+    tenants: TenantsConfig = Field(
+        default_factory=lambda: TenantsConfig(auth="none"),
+        description="API keys -> tenants; default: no access control (serve_config.yaml sets demo tenants)",
+    )
+    routing_stats_period_s: float = Field(
+        0.5, gt=0, description="how often replicas report their warm slots and queues to the adapter-affinity router"
+    )
+    demo_adapters: bool = Field(
+        False, description="train (once, cached) the demo adapters and serve them through the store (make serve)"
+    )
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="the replicas' user_config")
+
+    def with_demo_adapters(self) -> "AppArgs":
+        """The demo adapters trained or found in their cache, their folder added to the store's sources."""
+        from adapters_store.demo_adapters import DEFAULT_OUT_DIR, ensure_demo_adapters
+
+        if self.replica.base_model_path is not None:
+            raise ValueError("demo_adapters are trained for a named base_model, not base_model_path; set demo_adapters: false")
+        ensure_demo_adapters(DEFAULT_OUT_DIR, base_model=self.replica.base_model)
+        store = self.replica.store or StoreConfig()
+        demo = SourceInput(uri=str(DEFAULT_OUT_DIR))
+        if demo not in store.sources:
+            store = store.model_copy(update={"sources": [*store.sources, demo]})
+        return self.model_copy(update={"replica": self.replica.model_copy(update={"store": store})})
 
     def base_model_name(self) -> str:
         if self.served_model_name:
@@ -56,15 +85,25 @@ class AppArgs(BaseModel):
 
 def build_app(args: dict | None = None) -> Application:
     settings = AppArgs.model_validate(args or {})
+    if settings.demo_adapters:
+        settings = settings.with_demo_adapters()
     replicas = LoraReplica.options(
         num_replicas=settings.num_replicas,
         max_ongoing_requests=settings.max_ongoing_requests or 2 * settings.replica.max_batch_size,
         ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
+        max_queued_requests=settings.max_queued_requests,
         user_config=settings.replica.model_dump(mode="json"),
+        request_router_config=affinity_request_router_config(settings.routing_stats_period_s),
     )
     router = Router.options(
         num_replicas=1,
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": 0},
     )
-    return router.bind(replicas.bind(), {"base_model_name": settings.base_model_name()})
+    router_settings = {
+        "base_model_name": settings.base_model_name(),
+        "tenants": settings.tenants.model_dump(mode="json"),
+        "store": settings.replica.store.model_dump(mode="json") if settings.replica.store else None,
+        "engine": settings.replica.engine_config().model_dump(mode="json"),
+    }
+    return router.bind(replicas.bind(), router_settings)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters_store.checkpoint import LoraCheckpoint, normalize_model_name, read_checkpoint
+from adapters_store.checkpoint import LoraCheckpoint, SlotGeometry, normalize_model_name, read_checkpoint
 from deployments.base_model import BaseModelSpec, LoadedBaseModel, default_cache_dir, load_base_model
 from deployments.errors import (
     AdapterNotFoundError,
@@ -49,7 +49,9 @@ from deployments.slots import BASE_SLOT, SlotPool
 logger = logging.getLogger(__name__)
 
 AdapterResolver = Callable[[str], tuple[LoraCheckpoint, str]]
-"""adapter id -> (checkpoint, version); raises AdapterNotFoundError for an unknown id."""
+"""adapter id -> (checkpoint, version); raises AdapterNotFoundError for an unknown id. Its
+checkpoints were scanned for NaN/inf by whoever published them (the adapter store); the engine
+still checks their shapes, ranks and targets against its slots."""
 
 
 class EngineConfig(BaseModel):
@@ -85,6 +87,31 @@ class EngineConfig(BaseModel):
 
     def compile_enabled(self) -> bool:
         return self.compile == "on" or (self.compile == "auto" and self.resolved_device() == "cuda")
+
+
+def _load_base(config: EngineConfig, device: str, dtype: torch.dtype | None) -> LoadedBaseModel:
+    spec = BaseModelSpec(
+        name=config.base_model, path=config.base_model_path, cache_dir=config.model_cache_dir or default_cache_dir()
+    )
+    return load_base_model(spec, device=device, dtype=dtype)
+
+
+def _slot_model(base: LoadedBaseModel, config: EngineConfig, num_slots: int) -> SlotLoraModel:
+    names = {normalize_model_name(base.name), normalize_model_name(getattr(base.model.config, "_name_or_path", "") or base.name)}
+    return SlotLoraModel(
+        base.model,
+        config.target_modules,
+        num_slots,
+        config.max_rank,
+        base_model_names=frozenset(names),
+        max_adapter_bytes=config.max_adapter_bytes,
+    )
+
+
+def slot_geometry(config: EngineConfig) -> SlotGeometry:
+    """What an adapter must fit to be served by engines with `config`, for the adapter store to
+    validate with (loads the base model once on CPU to read its layer shapes)."""
+    return _slot_model(_load_base(config, "cpu", torch.float32), config, 1).geometry
 
 
 @dataclass(frozen=True)
@@ -185,23 +212,10 @@ class Engine:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         if base is None:
-            spec = BaseModelSpec(
-                name=config.base_model,
-                path=config.base_model_path,
-                cache_dir=config.model_cache_dir or default_cache_dir(),
-            )
-            base = load_base_model(spec, device=config.resolved_device(), dtype=config.resolved_dtype())
+            base = _load_base(config, config.resolved_device(), config.resolved_dtype())
         self.base = base
         self.tokenizer = base.tokenizer
-        names = {normalize_model_name(base.name), normalize_model_name(getattr(base.model.config, "_name_or_path", "") or base.name)}
-        self.slot_model = SlotLoraModel(
-            base.model,
-            config.target_modules,
-            config.num_slots,
-            config.max_rank,
-            base_model_names=frozenset(names),
-            max_adapter_bytes=config.max_adapter_bytes,
-        )
+        self.slot_model = _slot_model(base, config, config.num_slots)
         self.pool = SlotPool(config.num_slots)
         self._load_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adapter-load")
         self.host_cache: HostCache[PreparedAdapter] = HostCache(config.host_cache_bytes, self._load_executor)
@@ -224,6 +238,7 @@ class Engine:
         self.batches_run = 0
         self.rows_run = 0
         self.tokens_generated = 0
+        self._running_rows = 0
         if config.compile_enabled():
             started = time.perf_counter()
             with torch.no_grad():
@@ -244,9 +259,19 @@ class Engine:
         self._local_adapters[adapter_id] = Path(folder)
         return version
 
-    def update_adapter(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str) -> None:
-        """Put a (new) version in the host cache and into its slot if warm; refused input changes nothing."""
-        prepared = self.slot_model.prepare(checkpoint)
+    def update_adapter(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str, *, wait: bool = True,
+                       check_values: bool = True) -> None:
+        """Put a (new) version in the host cache and into its slot if warm; refused input changes nothing.
+
+        `wait=False` returns once the version is in the host cache: a warm slot takes it before its
+        next batch (`_acquire_slot` rewrites a slot whose version differs), without waiting here
+        for the batch in flight to finish."""
+        prepared = self.slot_model.prepare(checkpoint, check_values=check_values)
+        if not wait:
+            self.host_cache.put(adapter_id, prepared, version)
+            with self._wake:
+                self._wake.notify()
+            return
 
         def swap_in() -> None:
             self.host_cache.put(adapter_id, prepared, version)
@@ -257,13 +282,14 @@ class Engine:
 
         self._call_in_loop(swap_in)
 
-    def delete_adapter(self, adapter_id: str) -> None:
+    def delete_adapter(self, adapter_id: str, missing_ok: bool = False) -> None:
         """Forget an adapter: its slot is zeroed and freed, queued requests for it fail with 404."""
 
         def delete() -> None:
             known = adapter_id in self.pool or adapter_id in self.host_cache or adapter_id in self._local_adapters
-            if not known:
+            if not known and not missing_ok:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+            self.host_cache.invalidate(adapter_id)
             slot = self.pool.discard(adapter_id, force=True)
             if slot is not None:
                 self.slot_model.clear_slot(slot)
@@ -297,9 +323,38 @@ class Engine:
     def unpin(self, adapter_id: str) -> None:
         self._call_in_loop(lambda: self.pool.unpin(adapter_id))
 
+    def evict(self, adapter_id: str) -> None:
+        """Take an adapter out of its slot and the host cache (between batches, so no row holds
+        it); it stays registered and loads again on its next use."""
+
+        def evict_now() -> None:
+            slot = self.pool.discard(adapter_id)
+            if slot is not None:
+                self.slot_model.clear_slot(slot)
+            self._slot_versions.pop(adapter_id, None)
+            self.host_cache.invalidate(adapter_id)
+
+        self._call_in_loop(evict_now)
+
+    def invalidate_cached(self, adapter_id: str) -> None:
+        """Drop an adapter's host copy (and any load in flight) but leave a warm slot alone: its
+        next cold load then fetches the current version."""
+        self.host_cache.invalidate(adapter_id)
+
+    def resolved_adapters(self) -> dict[str, str]:
+        """Adapters that came through the resolver (not `register_adapter`), warm or in the host
+        cache: id -> the version held (the slot's when warm)."""
+        held = {**self.host_cache.versions(), **self.warm_versions()}
+        return {a: v for a, v in sorted(held.items()) if a not in self._local_adapters}
+
+    def warm_versions(self) -> dict[str, str]:
+        """adapter id -> the version its next batch runs, for every adapter in a slot."""
+        cached = self.host_cache.versions()
+        return {a: v for a in self.pool.snapshot().warm if (v := cached.get(a, self._slot_versions.get(a))) is not None}
+
     def adapter_version(self, adapter_id: str) -> str | None:
-        """The version now in the adapter's slot, or None when it is not warm."""
-        return self._slot_versions.get(adapter_id) if adapter_id in self.pool else None
+        """The version the adapter's next batch runs, or None when it is not warm."""
+        return self.warm_versions().get(adapter_id)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -383,6 +438,24 @@ class Engine:
             "queued": len(self._pending),
         }
 
+    def routing_stats(self) -> dict:
+        """What a router needs to place the next request here (`routing_policy.ReplicaView`):
+        adapters warm or loading, free and evictable slots, the next victim, the queue, and how
+        many queued requests wait for an adapter load."""
+        snapshot = self.pool.snapshot()
+        with self._wake:
+            pending = list(self._pending)
+        waiting_for_load = [h.adapter_id for h in pending if h.adapter_id is not None and h.adapter_id not in self.host_cache]
+        return {
+            "warm": sorted(set(snapshot.warm) | set(waiting_for_load)),
+            "free_slots": snapshot.free_slots,
+            "evictable_slots": snapshot.evictable_slots,
+            "next_victim": snapshot.next_victim,
+            "queue_len": len(pending) + self._running_rows,
+            "pending_loads": len(waiting_for_load),
+            "num_slots": snapshot.num_slots,
+        }
+
     def close(self) -> None:
         with self._wake:
             self._closed = True
@@ -415,7 +488,8 @@ class Engine:
 
     def _load_entry(self, adapter_id: str) -> CacheEntry[PreparedAdapter]:
         checkpoint, version = self._resolve(adapter_id)
-        return CacheEntry(self.slot_model.prepare(checkpoint), version)
+        from_resolver = adapter_id not in self._local_adapters  # value-scanned by its publisher
+        return CacheEntry(self.slot_model.prepare(checkpoint, check_values=not from_resolver), version)
 
     def _start_load(self, adapter_id: str) -> Future:
         future = self.host_cache.load(adapter_id, lambda: self._load_entry(adapter_id))
@@ -521,6 +595,7 @@ class Engine:
             return
         self.batches_run += 1
         self.rows_run += len(rows)
+        self._running_rows = len(rows)
         try:
             self.generator.run(rows)
         except Exception as error:
@@ -530,6 +605,7 @@ class Engine:
                     row.done = True
                     row.fail(error)
         finally:
+            self._running_rows = 0
             for adapter_id in held:
                 if adapter_id in self.pool:
                     self.pool.release(adapter_id)

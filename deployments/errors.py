@@ -3,8 +3,11 @@
     LoraServeError                      500  base class; `status_code` and `code` live on the class
     ├── InvalidRequestError             400  a request the service understands but refuses (limits)
     ├── InvalidAdapterIdError           400  an adapter id with path tricks or bad characters
+    ├── UnauthorizedError               401  no API key, or one nobody issued
+    ├── ForbiddenError                  403  a tenant key on the admin API
     ├── AdapterNotFoundError            404  no such adapter (or not visible to the caller)
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
+    ├── OverloadedError                 503  every replica's queue is full (with Retry-After)
     ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
     ├── SourceUnavailableError          503  S3 / the Hub / a folder could not be reached (retry later)
     ├── EngineClosedError               503  the engine was shut down
@@ -82,6 +85,24 @@ class InvalidAdapterError(LoraServeError):
         return body
 
 
+class ForbiddenError(LoraServeError):
+    """A valid key that may not do this (a tenant key on the admin API)."""
+
+    status_code = 403
+    code = "forbidden"
+
+
+class OverloadedError(LoraServeError):
+    """Every replica's queue is full; the client should retry after `retry_after_s`."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
 class SlotsExhaustedError(LoraServeError):
     status_code = 503
     code = "slots_exhausted"
@@ -110,3 +131,8 @@ class ManifestCorruptError(ManifestError):
 
 class ManifestVersionError(ManifestError):
     code = "manifest_version"
+
+
+class UnauthorizedError(LoraServeError):
+    status_code = 401
+    code = "unauthorized"

@@ -49,6 +49,7 @@ class HostCache(Generic[EntryT]):
         self._executor = executor
         self._entries: OrderedDict[str, CacheEntry[EntryT]] = OrderedDict()
         self._loading: dict[str, Future] = {}
+        self._stale: set[str] = set()  # loads in flight whose result is already outdated
         self._size_bytes = 0
         self._hits = self._misses = self._evictions = 0
         self._lock = threading.Lock()
@@ -74,6 +75,20 @@ class HostCache(Generic[EntryT]):
                 self._size_bytes -= entry.value.size_bytes
             return entry is not None
 
+    def invalidate(self, adapter_id: str) -> None:
+        """Drop the entry, and the result of a load already in flight (it may hold an old version)."""
+        with self._lock:
+            entry = self._entries.pop(adapter_id, None)
+            if entry is not None:
+                self._size_bytes -= entry.value.size_bytes
+            if adapter_id in self._loading:
+                self._stale.add(adapter_id)
+
+    def versions(self) -> dict[str, str]:
+        """adapter id -> cached version, without touching LRU order or hit counts."""
+        with self._lock:
+            return {adapter_id: entry.version for adapter_id, entry in self._entries.items()}
+
     def load(self, adapter_id: str, loader: Callable[[], CacheEntry[EntryT]]) -> Future:
         """Start (or join) the load of an adapter; the future resolves to its CacheEntry."""
         with self._lock:
@@ -97,11 +112,15 @@ class HostCache(Generic[EntryT]):
         try:
             entry = loader()
             with self._lock:
-                self._put_locked(adapter_id, entry)
+                if adapter_id in self._stale:
+                    self._stale.discard(adapter_id)
+                else:
+                    self._put_locked(adapter_id, entry)
             return entry
         finally:
             with self._lock:
                 self._loading.pop(adapter_id, None)
+                self._stale.discard(adapter_id)
 
     def _put_locked(self, adapter_id: str, entry: CacheEntry[EntryT]) -> None:
         old = self._entries.pop(adapter_id, None)

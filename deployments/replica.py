@@ -24,15 +24,19 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from typing import AsyncIterator
 
 from pydantic import Field
 from ray import serve
 
+from adapters_store.store import get_or_create_store
+from adapters_store.syncer import StoreConfig
 from deployments.engine import Completion, Engine, EngineConfig, RequestHandle
 from deployments.errors import EngineClosedError
 from deployments.generation import SamplingParams
 from deployments.schemas import EngineRequest, EngineResult
+from deployments.store_subscription import StoreSubscription
 
 __all__ = ["LoraReplica", "ReplicaSettings", "cpu_allotment"]
 
@@ -40,14 +44,16 @@ logger = logging.getLogger(__name__)
 
 
 class ReplicaSettings(EngineConfig):
-    """The replica's `user_config`: the engine's settings plus the adapters to serve from the start."""
+    """The replica's `user_config`: the engine's settings, the adapter store to serve from, and
+    adapters to serve from local folders without a store."""
 
     adapters: dict[str, str] = Field(
         default_factory=dict, description="adapter id -> local PEFT adapter folder, registered at (re)configure"
     )
+    store: StoreConfig | None = Field(None, description="the adapter store actor; cold adapters load from it")
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(**self.model_dump(exclude={"adapters"}))
+        return EngineConfig(**self.model_dump(exclude={"adapters", "store"}))
 
 
 def cpu_allotment() -> int:
@@ -69,6 +75,8 @@ class LoraReplica:
         self._engine_config: EngineConfig | None = None  # as configured, before threads are filled in
         self._adapters: dict[str, str] = {}  # what is registered on the current engine
         self._reconfigure_lock = threading.Lock()  # Serve may run reconfigure beside requests
+        self._subscription: StoreSubscription | None = None
+        self._store_config: StoreConfig | None = None
         self.engine_builds = 0
 
     # ---- configuration (Serve calls this in a worker thread; it may block) ----------------------
@@ -77,14 +85,29 @@ class LoraReplica:
         settings = ReplicaSettings.model_validate(user_config)
         engine_config = settings.engine_config()
         with self._reconfigure_lock:
-            if self._engine is None or engine_config != self._engine_config:
+            store_changed = settings.store != self._store_config
+            if store_changed:
+                self._subscribe(settings.store, engine_config)
+            if self._engine is None or engine_config != self._engine_config or store_changed:
                 self._rebuild(engine_config, settings.adapters)
             else:
                 self._sync_adapters(self._engine, settings.adapters)
 
+    def _subscribe(self, store_config: StoreConfig | None, engine_config: EngineConfig) -> None:
+        if self._subscription is not None:
+            self._subscription.stop()
+            self._subscription = None
+        self._store_config = store_config
+        if store_config is not None:
+            store = get_or_create_store(store_config, engine_config)
+            replica_id = serve.get_replica_context().replica_id.unique_id
+            self._subscription = StoreSubscription(store, replica_id, lambda: self._engine)
+            self._subscription.start()
+
     def _rebuild(self, engine_config: EngineConfig, adapters: dict[str, str]) -> None:
         threads = engine_config.torch_threads or cpu_allotment()
-        engine = Engine(engine_config.model_copy(update={"torch_threads": threads}))
+        resolver = self._subscription.resolve if self._subscription is not None else None
+        engine = Engine(engine_config.model_copy(update={"torch_threads": threads}), resolver=resolver)
         try:
             for adapter_id, folder in adapters.items():
                 engine.register_adapter(adapter_id, folder)
@@ -160,10 +183,29 @@ class LoraReplica:
             **engine.stats(),
         }
 
+    def warm(self, adapter_id: str, pin: bool = False) -> dict:
+        """Load an adapter into a slot now (from the host cache, else the store or its folder)."""
+        started = time.perf_counter()
+        slot = self._require_engine().warm(adapter_id, pin=pin)
+        return {"adapter_id": adapter_id, "slot": slot, "load_ms": (time.perf_counter() - started) * 1000}
+
+    def evict(self, adapter_id: str) -> None:
+        """Drop an adapter from this replica's slot and host cache; its next use loads it again."""
+        self._require_engine().evict(adapter_id)
+
+    def record_routing_stats(self) -> dict:
+        """Ray Serve polls this (`request_router_config.request_routing_stats_period_s`) and hands
+        the dict to the request router as `RunningReplica.routing_stats`."""
+        engine = self._engine
+        return engine.routing_stats() if engine is not None else {}
+
     def check_health(self) -> None:
         self._require_engine()
 
     def __del__(self) -> None:  # Serve calls this on graceful shutdown
+        subscription = getattr(self, "_subscription", None)
+        if subscription is not None:
+            subscription.stop()
         engine, self._engine = getattr(self, "_engine", None), None
         if engine is not None:
             engine.close()

@@ -2,10 +2,20 @@
 
     POST /v1/completions        CompletionRequest -> CompletionResponse, or SSE with `stream: true`
     POST /v1/chat/completions   ChatCompletionRequest -> ChatCompletionResponse, or SSE
-    GET  /v1/models             the base model and the registered adapters
+    GET  /v1/models             the base model and the adapters the caller's tenant may use
     GET  /healthz               200 when a replica answers
+  admin key only (through the adapter store):
+    GET    /admin/adapters                  every adapter: versions, status, replicas it is warm on
+    POST   /admin/adapters                  {adapter_id, uri, options}: fetch, validate, serve
+    GET    /admin/adapters/{tenant}/{name}
+    DELETE /admin/adapters/{tenant}/{name}
+    POST   /admin/sources                   {uri, options}: watch a root of <tenant>/<name>/ folders
+    POST   /admin/sync                      sync every source now
+    GET    /admin/store                     the store's status (degraded when a source is down)
 
-`model` names an adapter id, or the base model's name for no adapter.
+`model` names an adapter id, or the base model's name for no adapter. `Authorization: Bearer
+<key>` names the caller (`tenants.py`); a tenant sees its own and `shared/*` adapters, and another
+tenant's adapter is answered exactly like one that does not exist (404).
 
 Errors are mapped to HTTP in one place: the `LoraServeError` handler answers its `status_code`
 with its `to_json()` body. Errors raised in a replica come back through Ray wrapped in a
@@ -14,8 +24,7 @@ with its `to_json()` body. Errors raised in a replica come back through Ray wrap
 errors the engine finds at submit (unknown adapter, limits) still get their status code; an error
 after the headers went out is sent as a last `data: {"error": ...}` event.
 
-Every route takes the caller from the `current_caller` dependency. Today every caller is
-anonymous and sees every adapter; tenants and API keys replace that one dependency.
+Overload: a replica queue that is full (`max_queued_requests`) answers 503 with Retry-After.
 """
 
 import asyncio
@@ -25,16 +34,26 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.errors import LoraServeError
+from adapters_store.adapter_ids import parse_adapter_id
+from adapters_store.syncer import StoreConfig
+from deployments.engine import EngineConfig
+from deployments.errors import (
+    AdapterNotFoundError,
+    ForbiddenError,
+    InvalidAdapterIdError,
+    LoraServeError,
+    OverloadedError,
+)
 from deployments.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -42,14 +61,18 @@ from deployments.schemas import (
     CompletionResponse,
     EngineResult,
     ModelList,
+    RegisterAdapterRequest,
+    RegisterSourceRequest,
     StreamFormat,
 )
+from deployments.tenants import Caller, KeyRing, TenantsConfig, uses_demo_keys
 
-__all__ = ["Caller", "Router", "RouterSettings", "app", "current_caller", "unwrap_replica_error"]
+__all__ = ["Router", "RouterSettings", "app", "current_caller", "unwrap_replica_error"]
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 10.0
+RETRY_AFTER_S = 1
 
 app = FastAPI(title="lora-serve", description="OpenAI-compatible completions over many LoRA adapters on one base model")
 
@@ -59,7 +82,10 @@ app = FastAPI(title="lora-serve", description="OpenAI-compatible completions ove
 
 @app.exception_handler(LoraServeError)
 async def _lora_serve_error(_request: Request, error: LoraServeError) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.status_code)
+    headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, OverloadedError) else None
+    if error.status_code == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(error.to_json(), status_code=error.status_code, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -88,6 +114,8 @@ def replica_errors():
     """Re-raise a replica's typed error as itself; anything else a replica raised becomes a 500."""
     try:
         yield
+    except BackPressureError as error:
+        raise OverloadedError(f"every replica is at its queue limit; retry shortly ({error})", RETRY_AFTER_S) from None
     except RayTaskError as wrapped:
         error = unwrap_replica_error(wrapped)
         if isinstance(error, LoraServeError):
@@ -96,18 +124,22 @@ def replica_errors():
         raise LoraServeError(f"a replica failed: {type(error).__name__}: {error}") from None
 
 
-# ---- callers (the seam where tenants and API keys go) ----------------------------------------
+# ---- callers --------------------------------------------------------------------------------
+# One KeyRing per router process, built from settings when the deployment starts.
+
+_KEYRING: list[KeyRing] = []
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is calling. `tenant` None: no authentication is configured, every adapter is visible."""
+async def current_caller(authorization: str | None = Header(None)) -> Caller:
+    if not _KEYRING:
+        raise LoraServeError("the router has no key ring yet")
+    return _KEYRING[0].authenticate(authorization)
 
-    tenant: str | None = None
 
-
-async def current_caller() -> Caller:
-    return Caller()
+async def admin_caller(caller: Caller = Depends(current_caller)) -> Caller:
+    if not caller.is_admin:
+        raise ForbiddenError("this needs an admin key")
+    return caller
 
 
 # ---- server-sent events ---------------------------------------------------------------------
@@ -161,16 +193,30 @@ class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_model_name: str = Field(min_length=1, description="the `model` value that means no adapter")
+    tenants: TenantsConfig = Field(default_factory=lambda: TenantsConfig(auth="none"))
+    store: StoreConfig | None = Field(None, description="the adapter store the admin API and /v1/models use")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the replicas' engine (the store validates against it)")
 
 
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
-    """Validates requests, picks the adapter, forwards to a replica, formats OpenAI responses."""
+    """Authenticates, validates requests, picks the adapter, forwards to a replica (routed by
+    adapter affinity through `multiplexed_model_id`), formats OpenAI responses."""
 
     def __init__(self, replicas: DeploymentHandle, settings: dict) -> None:
         self.settings = RouterSettings.model_validate(settings)
+        keyring = KeyRing(self.settings.tenants)
+        _KEYRING[:] = [keyring]
+        if uses_demo_keys(keyring):
+            logger.warning("DEMO API KEYS ARE IN USE (sk-acme-demo, sk-globex-demo, sk-admin-demo): anyone can "
+                           "call this server; set real keys in serve_config.yaml `tenants` or keys_env")
         self.replicas = replicas
+        self.store = None
+        if self.settings.store is not None:
+            from adapters_store.store import get_or_create_store
+
+            self.store = get_or_create_store(self.settings.store, self.settings.engine)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, caller: Caller = Depends(current_caller)):
@@ -178,7 +224,7 @@ class Router:
         if body.stream:
             return await self._stream(request, StreamFormat("completion", body.model, body.include_usage))
         with replica_errors():
-            result: EngineResult = await self.replicas.generate.remote(request)
+            result: EngineResult = await self._replicas_for(request).generate.remote(request)
         return CompletionResponse.of(body.model, result)
 
     @app.post("/v1/chat/completions")
@@ -187,14 +233,46 @@ class Router:
         if body.stream:
             return await self._stream(request, StreamFormat("chat", body.model, body.include_usage))
         with replica_errors():
-            result: EngineResult = await self.replicas.generate.remote(request)
+            result: EngineResult = await self._replicas_for(request).generate.remote(request)
         return ChatCompletionResponse.of(body.model, result)
 
     @app.get("/v1/models")
     async def models(self, caller: Caller = Depends(current_caller)) -> ModelList:
         with replica_errors():
             listing = await self.replicas.list_adapters.remote()
-        return ModelList.of(self.settings.base_model_name, listing["adapters"])
+            records = await self.store.list_adapters.remote(tenant=caller.tenant) if self.store is not None else []
+        served = {r["adapter_id"] for r in records if r["serving"] is not None} | set(listing["adapters"])
+        return ModelList.of(self.settings.base_model_name, [a for a in served if caller.can_see(a)])
+
+    # ---- admin ----------------------------------------------------------------------------------
+
+    @app.get("/admin/adapters")
+    async def admin_list(self, include_deleted: bool = False, _admin: Caller = Depends(admin_caller)):
+        return {"object": "list", "data": await self._store_call("list_adapters", include_deleted=include_deleted)}
+
+    @app.post("/admin/adapters", status_code=201)
+    async def admin_register(self, body: RegisterAdapterRequest, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("register", body.adapter_id, body.uri, body.options)
+
+    @app.get("/admin/adapters/{tenant}/{name}")
+    async def admin_get(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("get", f"{tenant}/{name}")
+
+    @app.delete("/admin/adapters/{tenant}/{name}")
+    async def admin_delete(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("delete", f"{tenant}/{name}")
+
+    @app.post("/admin/sources", status_code=201)
+    async def admin_add_source(self, body: RegisterSourceRequest, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("add_source", body.uri, body.options)
+
+    @app.post("/admin/sync")
+    async def admin_sync(self, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("sync_now")
+
+    @app.get("/admin/store")
+    async def admin_store(self, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("status")
 
     @app.get("/healthz")
     async def healthz(self):
@@ -208,12 +286,33 @@ class Router:
     # ---- internals ------------------------------------------------------------------------------
 
     def _adapter_for(self, model: str, caller: Caller) -> str | None:
-        """The adapter id a request's `model` names; None for the base model. An id nobody
-        registered is refused by the replica (404); tenant visibility checks go here."""
-        return None if model == self.settings.base_model_name else model
+        """The adapter id a request's `model` names; None for the base model. Another tenant's
+        adapter gets the same 404 as an unknown one; an id nobody registered is refused by the
+        replica (404)."""
+        if model == self.settings.base_model_name:
+            return None
+        try:
+            adapter_id = str(parse_adapter_id(model))
+        except InvalidAdapterIdError:
+            raise AdapterNotFoundError(
+                f"model {model!r} is neither the base model {self.settings.base_model_name!r} nor an adapter id "
+                "('<tenant>/<name>'); GET /v1/models lists what you can use") from None
+        if not caller.can_see(adapter_id):
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+        return adapter_id
+
+    def _replicas_for(self, request: dict) -> DeploymentHandle:
+        """The handle with the request's adapter as its routing key (`request_router.py`)."""
+        return self.replicas.options(multiplexed_model_id=request.get("adapter_id") or "")
+
+    async def _store_call(self, method: str, *args, **kwargs):
+        if self.store is None:
+            raise AdapterNotFoundError("this server has no adapter store (set `store` in the app's args)")
+        with replica_errors():
+            return await getattr(self.store, method).remote(*args, **kwargs)
 
     async def _stream(self, request: dict, fmt: StreamFormat) -> StreamingResponse:
-        responses: DeploymentResponseGenerator = self.replicas.options(stream=True).stream.remote(request)
+        responses: DeploymentResponseGenerator = self._replicas_for(request).options(stream=True).stream.remote(request)
         try:
             with replica_errors():
                 first = await responses.__anext__()

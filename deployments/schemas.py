@@ -313,3 +313,23 @@ class ModelList(BaseModel):
             owner = adapter_id.split("/", 1)[0] if "/" in adapter_id else "lora-serve"
             cards.append(ModelCard(id=adapter_id, owned_by=owner, parent=base_model))
         return cls(data=cards)
+
+
+# ---- admin API bodies ------------------------------------------------------------------------
+
+
+class RegisterAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter_id: str = Field(description="'<tenant>/<name>'")
+    uri: str = Field(description="the adapter's folder: s3://bucket/key/prefix, hf://org/repo[/sub]@rev, or a local path")
+    options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="source options such as endpoint_url, region; never credentials"
+    )
+
+
+class RegisterSourceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(description="a root of <tenant>/<name>/ adapter folders")
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)

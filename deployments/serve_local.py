@@ -26,7 +26,6 @@ import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -81,20 +80,27 @@ def _install_stop_handlers() -> None:
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 
-def _curl_line(base_url: str, model: str) -> str:
+def _curl_line(base_url: str, model: str, api_key: str | None) -> str:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 32,
         "temperature": 0,
     }
-    return f"curl -s {base_url}/v1/chat/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return f"curl -s {base_url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{json.dumps(body)}'"
 
 
-def _base_model_name(base_url: str) -> str:
-    """Ask the running app (`GET /v1/models` lists the base model first)."""
-    with urllib.request.urlopen(f"{base_url}/v1/models", timeout=30) as response:
-        return json.load(response)["data"][0]["id"]
+def _example(args: dict) -> tuple[str, str | None]:
+    """(model, API key) for the printed curl line: a demo adapter with its tenant's demo key when
+    the demo is on, else the base model."""
+    from deployments.app import AppArgs
+    from deployments.tenants import DEMO_KEYS, KeyRing, uses_demo_keys
+
+    settings = AppArgs.model_validate(args)
+    if uses_demo_keys(KeyRing(settings.tenants)):
+        return ("acme/pirate" if settings.demo_adapters else settings.base_model_name()), DEMO_KEYS["acme"]
+    return settings.base_model_name(), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             built = _builder(application.import_path)(application.args or {})
             serve.run(built, name=application.name, route_prefix=application.route_prefix)
             prefix = (application.route_prefix or "").rstrip("/")
-            model = _base_model_name(base_url + prefix)
+            model, api_key = _example(application.args or {})
             print(f"\n{application.name} is ready in {time.perf_counter() - started:.0f} s at {base_url}{prefix}/v1", flush=True)
-            print(f"  try:  {_curl_line(base_url + prefix, model)}", flush=True)
+            print(f"  try:  {_curl_line(base_url + prefix, model, api_key)}", flush=True)
         print("Ctrl-C to stop.", flush=True)
         while True:
             time.sleep(3600)

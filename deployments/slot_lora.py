@@ -103,9 +103,9 @@ class SlotLoraModel:
         sample = next(iter(self.layers.values())).lora_a
         self.dtype, self.device = sample.dtype, sample.device
 
-    def prepare(self, checkpoint: LoraCheckpoint) -> PreparedAdapter:
+    def prepare(self, checkpoint: LoraCheckpoint, check_values: bool = True) -> PreparedAdapter:
         """Validate against the slot geometry, then lay the weights out for a swap."""
-        validate_checkpoint(checkpoint, self.geometry)
+        validate_checkpoint(checkpoint, self.geometry, check_values=check_values)
         pin = self.device.type == "cuda"
         ranks, lora_a, lora_b, size_bytes = [], [], [], 0
         for name in self.layers:

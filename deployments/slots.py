@@ -55,6 +55,8 @@ class PoolSnapshot:
     swap_ms_p99: float | None
     last_used_s: Mapping[str, float] = field(default_factory=dict)
     """Clock reading of each warm adapter's latest `acquire`."""
+    next_victim: str | None = None
+    """What a miss would evict now (None while a slot is free or nothing is evictable)."""
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +73,7 @@ class PoolSnapshot:
             "swap_ms_p50": self.swap_ms_p50,
             "swap_ms_p99": self.swap_ms_p99,
             "last_used_s": dict(self.last_used_s),
+            "next_victim": self.next_victim,
         }
 
 
@@ -269,6 +272,7 @@ class SlotPool:
                 swap_ms_p50=_percentile(ordered, 50) if ordered else None,
                 swap_ms_p99=_percentile(ordered, 99) if ordered else None,
                 last_used_s={a: entries[a].last_used_s for a in warm},
+                next_victim=None if self._free else self._lru_victim(),
             )
 
     def _lru_victim(self) -> str | None:

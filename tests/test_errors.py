@@ -9,7 +9,7 @@ import pickle
 import pytest
 
 from deployments import errors
-from deployments.errors import InvalidAdapterError, LoraServeError
+from deployments.errors import InvalidAdapterError, LoraServeError, OverloadedError
 
 ERROR_CLASSES = sorted(
     (obj for obj in vars(errors).values() if inspect.isclass(obj) and issubclass(obj, LoraServeError)),
@@ -23,6 +23,8 @@ def _instances():
         if cls is InvalidAdapterError:
             for reason in InvalidAdapterError.REASONS:
                 yield pytest.param(cls, (f"refused: {reason}", reason), id=f"{cls.__name__}-{reason}")
+        elif cls is OverloadedError:
+            yield pytest.param(cls, ("every queue is full", 3), id=cls.__name__)
         else:
             yield pytest.param(cls, (f"{cls.__name__} happened: fix it like so",), id=cls.__name__)
 
@@ -41,6 +43,9 @@ def test_every_error_class_is_found():
         "ManifestError",
         "ManifestCorruptError",
         "ManifestVersionError",
+        "UnauthorizedError",
+        "ForbiddenError",
+        "OverloadedError",
     }
 
 
@@ -59,6 +64,8 @@ def test_error_pickles_with_its_fields(cls, args, protocol):
     if cls is InvalidAdapterError:
         assert clone.reason == args[1]
         assert clone.to_json()["error"]["reason"] == args[1]
+    if cls is OverloadedError:
+        assert clone.retry_after_s == args[1]
 
 
 @pytest.mark.parametrize("cls, args", list(_instances()))
@@ -92,6 +99,9 @@ def test_status_codes_and_codes_are_distinct_per_class():
         "ManifestError": 500,
         "ManifestCorruptError": 500,
         "ManifestVersionError": 500,
+        "UnauthorizedError": 401,
+        "ForbiddenError": 403,
+        "OverloadedError": 503,
     }
 
 

@@ -474,7 +474,10 @@ def test_to_dict_is_plain_and_complete():
         "swap_ms_p50": 2.0,
         "swap_ms_p99": 2.0,
         "last_used_s": {"a": 1.0},
+        "next_victim": None,  # a slot is free
     }
+    _fill(pool, "b")
+    assert pool.snapshot().to_dict()["next_victim"] == "a"  # full: the least recently used goes next
 
 
 def test_snapshot_is_a_copy():
@@ -626,6 +629,8 @@ class ReferenceModel:
             swap_ms_p50=pct(50),
             swap_ms_p99=pct(99),
             last_used_s=dict(self.last_used),
+            next_victim=None if self.free else next(
+                (a for a in self.order if self.refs[a] == 0 and a not in self.pinned), None),
         )
 
 

@@ -37,6 +37,7 @@ from adapters_store.sources.base import publish_folder
 from deployments.errors import (
     AdapterNotFoundError,
     InvalidAdapterError,
+    InvalidAdapterIdError,
     InvalidRequestError,
     SourceUnavailableError,
 )
@@ -721,3 +722,128 @@ def test_fetch_refuses_an_adapter_from_another_source(hub, tmp_path):
     foreign = RemoteAdapter("acme/bot", "hf://other/repo@main", "x", ())
     with pytest.raises(InvalidRequestError):
         hub.source().fetch(foreign, tmp_path / "x")
+
+
+# --- single-adapter mode: the URI is one adapter's folder --------------------------------------
+
+def test_local_single_adapter_lists_fetches_and_follows_changes(tmp_path):
+    folder = tmp_path / "bot"
+    write_adapter(folder, seed=1)
+    write_adapter(folder / "acme" / "nested", seed=2)  # below the folder: not part of it
+    source = LocalSource(folder, adapter_id="acme/bot")
+    assert "acme/bot" in repr(source)
+    adapters = source.list_adapters()
+    assert list(adapters) == ["acme/bot"]
+    bot = adapters["acme/bot"]
+    assert bot.location == folder.as_uri()
+    assert [f.name for f in bot.files] == list(FILES)
+    assert source.version_of(bot) == bot.version
+    assert read_folder(source.fetch(bot, tmp_path / "out" / "acme" / "bot")) == adapter_files(seed=1)
+    write_adapter(folder, seed=3)
+    assert source.version_of(bot) != bot.version
+    assert source.list_adapters()["acme/bot"].version == source.version_of(bot)
+    with pytest.raises(SourceUnavailableError, match="changed since it was listed"):
+        source.fetch(bot, tmp_path / "stale")
+    outcome = source.fetch_many(source.list_adapters().values(), tmp_path / "many")
+    assert read_folder(tmp_path / "many" / "acme" / "bot") == adapter_files(seed=3) and not outcome.failed
+    # an adapter listed by a root source over a subfolder is not this source's
+    nested = LocalSource(folder).list_adapters()["acme/nested"]
+    with pytest.raises(InvalidRequestError, match="not in this source"):
+        source.fetch(nested, tmp_path / "other")
+
+
+def test_local_single_adapter_empty_missing_and_removed(tmp_path):
+    folder = tmp_path / "bot"
+    folder.mkdir()
+    source = LocalSource(folder, adapter_id="shared/bot")
+    assert source.list_adapters() == {}  # no adapter file yet
+    write_adapter(folder)
+    bot = source.list_adapters()["shared/bot"]
+    for name in FILES:
+        (folder / name).unlink()
+    assert source.list_adapters() == {}
+    with pytest.raises(AdapterNotFoundError):
+        source.version_of(bot)
+    with pytest.raises(SourceUnavailableError, match="does not exist"):
+        LocalSource(tmp_path / "nowhere", adapter_id="acme/bot").list_adapters()
+
+
+def test_local_single_adapter_file_linking_outside_is_skipped(tmp_path):
+    outside = tmp_path / "outside"
+    write_adapter(outside)
+    folder = tmp_path / "bot"
+    folder.mkdir()
+    for name in FILES:
+        (folder / name).symlink_to(outside / name)
+    source = LocalSource(folder, adapter_id="acme/bot")
+    assert source.list_adapters() == {}
+    assert list(source.skipped) == [str(folder)] and "outside" in source.skipped[str(folder)]
+
+
+@pytest.mark.parametrize("bad", ["acme", "Acme/bot", "acme/../bot", "acme/bot/x", "", "/acme/bot"])
+def test_single_adapter_ids_are_validated(tmp_path, bad):
+    with pytest.raises(InvalidAdapterIdError):
+        LocalSource(tmp_path, adapter_id=bad)
+    with pytest.raises(InvalidAdapterIdError):
+        S3Source("bucket-x", "a", adapter_id=bad, endpoint_url="http://127.0.0.1:1")
+    with pytest.raises(InvalidAdapterIdError):
+        source_for_uri(tmp_path.as_uri(), adapter_id=bad)
+
+
+def test_source_for_uri_takes_adapter_id_for_every_scheme(tmp_path):
+    local = source_for_uri(tmp_path.as_uri(), adapter_id="acme/bot")
+    assert isinstance(local, LocalSource) and local.adapter_id == "acme/bot"
+    s3 = source_for_uri("s3://bucket-x/one/bot", adapter_id="acme/bot", endpoint_url="http://127.0.0.1:1")
+    assert isinstance(s3, S3Source) and (s3.prefix, s3.adapter_id) == ("one/bot", "acme/bot")
+    hub = source_for_uri("hf://org/repo", adapter_id="acme/bot")
+    assert isinstance(hub, HubSource) and hub.root_adapter_id == "acme/bot"
+    assert source_for_uri(str(tmp_path)).adapter_id is None  # default: a root of many adapters
+
+
+def test_s3_single_adapter_lists_fetches_and_follows_changes(s3, tmp_path):
+    s3.put("bot", adapter_files(seed=1), prefix="one")  # s3://bucket/one/bot/<files>
+    s3.put("acme/nested", adapter_files(seed=2), prefix="one/bot")  # deeper: not part of it
+    s3.client.put_object(Bucket=s3.name, Key="one/bot/README.md", Body=b"ignored")
+    source = s3.source("one/bot", adapter_id="acme/bot")
+    assert "acme/bot" in repr(source)
+    adapters = source.list_adapters()
+    assert list(adapters) == ["acme/bot"] and source.skipped == {}
+    bot = adapters["acme/bot"]
+    assert bot.location == f"s3://{s3.name}/one/bot"
+    etags = [s3.client.head_object(Bucket=s3.name, Key=f"one/bot/{n}")["ETag"].strip('"') for n in FILES]
+    assert bot.version == "+".join(etags)
+    assert source.version_of(bot) == bot.version
+    assert read_folder(source.fetch(bot, tmp_path / "acme" / "bot")) == adapter_files(seed=1)
+    s3.put("bot", adapter_files(seed=3), prefix="one")
+    assert source.version_of(bot) != bot.version
+    assert source.list_adapters()["acme/bot"].version == source.version_of(bot)
+    with pytest.raises(SourceUnavailableError, match="changed since it was listed"):
+        source.fetch(bot, tmp_path / "stale")
+    s3.client.delete_objects(Bucket=s3.name, Delete={"Objects": [{"Key": f"one/bot/{n}"} for n in FILES]})
+    assert source.list_adapters() == {}
+    with pytest.raises(AdapterNotFoundError):
+        source.version_of(bot)
+
+
+def test_s3_single_adapter_empty_prefix_bucket_root_and_missing_bucket(s3, tmp_path):
+    assert s3.source("nothing/here", adapter_id="acme/bot").list_adapters() == {}
+    for name, data in adapter_files(seed=5).items():
+        s3.client.put_object(Bucket=s3.name, Key=name, Body=data)  # at the bucket root
+    at_root = source_for_uri(f"s3://{s3.name}", adapter_id="acme/bot", endpoint_url=s3.endpoint, retry=FAST_RETRY)
+    (bot,) = at_root.list_adapters().values()
+    assert bot.location == f"s3://{s3.name}"
+    assert read_folder(at_root.fetch(bot, tmp_path / "x")) == adapter_files(seed=5)
+    missing = S3Source("no-such-bucket-here", "a", adapter_id="acme/bot", endpoint_url=s3.endpoint, retry=FAST_RETRY)
+    with pytest.raises(SourceUnavailableError, match="bucket does not exist"):
+        missing.list_adapters()
+
+
+def test_s3_root_of_many_adapters_at_the_bucket_root(s3, tmp_path):
+    """With no prefix, adapters sit at `<tenant>/<name>/` in the bucket (keys have no leading '/')."""
+    for name, data in adapter_files(seed=6).items():
+        s3.client.put_object(Bucket=s3.name, Key=f"acme/bot/{name}", Body=data)
+    source = s3.source("")
+    bot = source.list_adapters()["acme/bot"]
+    assert bot.location == f"s3://{s3.name}/acme/bot"
+    assert source.version_of(bot) == bot.version
+    assert read_folder(source.fetch(bot, tmp_path / "acme" / "bot")) == adapter_files(seed=6)

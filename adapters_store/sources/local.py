@@ -1,7 +1,10 @@
 """LocalSource: adapters in a folder, `<root>/<tenant>/<name>/{adapter_config.json, adapter_model.safetensors}`.
 
+Two layouts: a root of many adapters (above), or, with `adapter_id=`, one adapter whose files sit
+directly in the folder the URI names (`<folder>/adapter_config.json`), listed under that id.
+
 The embedded default (`make serve`). A version is a content hash, so copying the same files over
-(new mtimes) is no new version. Hashes are cached per file by (size, mtime, inode) with git's
+(new mtimes) is no new version. Hashes are cached per file by (size, mtime, ctime, inode) with git's
 "racy" rule: a file modified in the last couple of seconds is always rehashed, because a rewrite
 within one mtime tick would otherwise keep its old hash.
 """
@@ -14,7 +17,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from adapters_store.adapter_ids import LocalUri, parse_adapter_id, parse_local_uri
+from adapters_store.adapter_ids import LocalUri, parse_adapter_id, parse_local_uri, validate_adapter_id
 from adapters_store.sources.base import (
     KNOWN_FILES,
     ParallelFetch,
@@ -35,7 +38,8 @@ _CHUNK_BYTES = 1 << 20
 
 
 class FileHashCache:
-    """sha256 of files keyed by path, trusted while (size, mtime_ns, inode) are unchanged.
+    """sha256 of files keyed by path, trusted while (size, mtime_ns, ctime_ns, inode) are unchanged
+    (ctime too, as git does: a copy that keeps the mtime, onto a reused inode, still moves it).
 
     Bounded LRU (`max_entries`), thread-safe, with hit/miss counters for metrics and tests."""
 
@@ -46,13 +50,13 @@ class FileHashCache:
         self.racy_window_ns = int(racy_window_s * 1e9)
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, tuple[tuple[int, int, int], str]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[tuple[int, int, int, int], str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def sha256(self, path: Path) -> tuple[str, int]:
         """(hex digest, size in bytes) of `path`."""
         stat = path.stat()
-        key = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        key = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
         with self._lock:
             cached = self._entries.get(str(path))
             if cached is not None and cached[0] == key:
@@ -91,12 +95,17 @@ def combined_version(files: tuple[RemoteFile, ...]) -> str:
 
 class LocalSource(ParallelFetch):
     """Adapters in a local folder. Folders whose names are not valid ids are skipped; the last
-    listing's skipped paths and reasons are in `skipped`."""
+    listing's skipped paths and reasons are in `skipped`.
 
-    def __init__(self, root: str | Path | LocalUri, *, show_progress: bool = False,
-                 hash_cache: FileHashCache | None = None) -> None:
+    `adapter_id=None`: `root` holds `<tenant>/<name>/` folders. `adapter_id="acme/bot"`: `root` is
+    that one adapter's folder; the listing is `{adapter_id: ...}`, or `{}` while it holds no
+    adapter file. Either way a missing `root` is a SourceUnavailableError."""
+
+    def __init__(self, root: str | Path | LocalUri, *, adapter_id: str | None = None,
+                 show_progress: bool = False, hash_cache: FileHashCache | None = None) -> None:
         uri = root if isinstance(root, LocalUri) else parse_local_uri(str(root))
         self.root = uri.path
+        self.adapter_id = validate_adapter_id(adapter_id) if adapter_id is not None else None
         self.hash_cache = hash_cache if hash_cache is not None else FileHashCache()
         self.skipped: dict[str, str] = {}
         self._progress = Progress(show_progress)
@@ -106,11 +115,14 @@ class LocalSource(ParallelFetch):
         return cls(uri, **options)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
-        return f"LocalSource({str(self.root)!r})"
+        single = f", adapter_id={self.adapter_id!r}" if self.adapter_id is not None else ""
+        return f"LocalSource({str(self.root)!r}{single})"
 
     def list_adapters(self) -> dict[str, RemoteAdapter]:
         if not self.root.is_dir():
             raise SourceUnavailableError(f"local adapter folder {self.root} does not exist or is not a folder")
+        if self.adapter_id is not None:
+            return self._list_single(self.adapter_id)
         adapters: dict[str, RemoteAdapter] = {}
         skipped: dict[str, str] = {}
         for tenant_dir in sorted(self.root.iterdir()):
@@ -130,6 +142,18 @@ class LocalSource(ParallelFetch):
                     adapters[adapter.adapter_id] = adapter
         self.skipped = skipped
         return adapters
+
+    def _list_single(self, adapter_id: str) -> dict[str, RemoteAdapter]:
+        """The one adapter whose files are directly in `root` (single-adapter mode)."""
+        self.skipped = {}
+        try:
+            adapter = self._describe(self.root, adapter_id)
+        except InvalidRequestError as error:  # a file links outside the folder
+            self.skipped = {str(self.root): str(error)}
+            return {}
+        except FileNotFoundError:
+            return {}  # a file removed while listing: gone next time too
+        return {adapter_id: adapter} if adapter is not None else {}
 
     def _describe(self, folder: Path, adapter_id: str) -> RemoteAdapter | None:
         """The adapter in `folder`, or None when it holds no adapter file (yet)."""
@@ -151,7 +175,8 @@ class LocalSource(ParallelFetch):
 
     def _folder_of(self, adapter: RemoteAdapter) -> Path:
         folder = parse_local_uri(adapter.location).path
-        if not folder.is_relative_to(self.root):
+        inside = folder == self.root if self.adapter_id is not None else folder.is_relative_to(self.root)
+        if not inside:
             raise InvalidRequestError(f"{adapter.location} is not in this source ({self.root})")
         return folder
 

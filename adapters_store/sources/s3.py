@@ -1,5 +1,8 @@
 """S3Source: adapters under `s3://bucket/<prefix>/<tenant>/<name>/`, through boto3.
 
+With `adapter_id=`, the URI is one adapter's folder instead: its files are `<prefix>/<file>`
+(one delimited LIST of that level, nothing below it is read), listed under that id.
+
 Credentials come from boto3's standard chain (env, profile, instance role); `endpoint_url` points it
 at MinIO, moto or another S3-compatible store. A version joins the files' ETags, taken from the
 listing (one paginated LIST per sync, no HEAD per adapter). A download asks for exactly the listed
@@ -12,6 +15,8 @@ with the reason; raw botocore errors never leave this module.
 """
 
 from __future__ import annotations
+
+import threading
 
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -60,12 +65,29 @@ def _error_code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
+_SESSION_LOCK = threading.Lock()
+_SESSION: list[boto3.session.Session] = []
+
+
+def _shared_session() -> boto3.session.Session:
+    """One session per process (call under `_SESSION_LOCK`): a new session re-parses botocore's
+    service models, ~100 ms and much garbage per client; clients made from it are thread-safe."""
+    if not _SESSION:
+        _SESSION.append(boto3.session.Session())
+    return _SESSION[0]
+
+
 class S3Source(ParallelFetch):
+    """`adapter_id=None`: `<prefix>/<tenant>/<name>/<file>` objects, grouped into adapters.
+    `adapter_id="acme/bot"`: `<prefix>/<file>` objects are that one adapter; the listing is
+    `{adapter_id: ...}`, or `{}` while no adapter file is there (S3 has no empty folders)."""
+
     def __init__(
         self,
         bucket: str,
         prefix: str = "",
         *,
+        adapter_id: str | None = None,
         endpoint_url: str | None = None,
         region: str | None = None,
         retry: RetryPolicy = RetryPolicy(),
@@ -77,6 +99,7 @@ class S3Source(ParallelFetch):
     ) -> None:
         uri = parse_s3_uri(f"s3://{bucket}/{prefix}")  # same checks as a URI in config
         self.bucket, self.prefix = uri.bucket, uri.prefix
+        self.adapter_id = validate_adapter_id(adapter_id) if adapter_id is not None else None
         self.retry = retry
         self._progress = Progress(show_progress)
         config = Config(
@@ -86,9 +109,10 @@ class S3Source(ParallelFetch):
             max_pool_connections=32,
         )
         # boto3 clients are thread-safe (sessions are not): one client serves every fetch thread.
-        self._client = (session or boto3.session.Session()).client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config
-        )
+        with _SESSION_LOCK:
+            self._client = (session or _shared_session()).client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=config
+            )
         self._endpoint = endpoint_url or "AWS S3"
         self.skipped: dict[str, str] = {}  # the last listing's folders that are not valid ids, with why
 
@@ -97,7 +121,8 @@ class S3Source(ParallelFetch):
         return cls(uri.bucket, uri.prefix, **options)
 
     def __repr__(self) -> str:
-        return f"S3Source({str(S3Uri(self.bucket, self.prefix))!r}, endpoint={self._endpoint!r})"
+        single = f", adapter_id={self.adapter_id!r}" if self.adapter_id is not None else ""
+        return f"S3Source({str(S3Uri(self.bucket, self.prefix))!r}{single}, endpoint={self._endpoint!r})"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run one S3 operation under the retry policy; translate what escapes into typed errors."""
@@ -111,12 +136,17 @@ class S3Source(ParallelFetch):
             raise SourceUnavailableError(f"{what} on {self._endpoint} failed: {error}") from error
 
     def _key_prefix(self, relative: str = "") -> str:
-        return "/".join(p for p in (self.prefix, relative) if p) + "/"
+        """`<prefix>/<relative>/`, or "" for the bucket root (an S3 key never starts with '/')."""
+        joined = "/".join(p for p in (self.prefix, relative) if p)
+        return f"{joined}/" if joined else ""
 
-    def _list(self, relative: str = "") -> list[dict[str, Any]]:
+    def _list(self, relative: str = "", *, one_level: bool = False) -> list[dict[str, Any]]:
+        """Every object under `<prefix>/<relative>/`; with `one_level`, only those directly in it."""
+        extra = {"Delimiter": "/"} if one_level else {}
+
         def run() -> list[dict[str, Any]]:
             pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key_prefix(relative))
+                Bucket=self.bucket, Prefix=self._key_prefix(relative), **extra)
             return [obj for page in pages for obj in page.get("Contents", [])]
         return self._call(f"listing s3://{self.bucket}/{self._key_prefix(relative)}", run)
 
@@ -143,13 +173,33 @@ class S3Source(ParallelFetch):
             adapters[adapter_id] = RemoteAdapter(adapter_id, location, "+".join(f.etag for f in files), files)
         return adapters, skipped
 
+    def _single(self, adapter_id: str) -> dict[str, RemoteAdapter]:
+        """Single-adapter mode: the known files directly under the prefix are `adapter_id`."""
+        base = len(self._key_prefix())
+        found = {}
+        for obj in self._list(one_level=True):
+            name = obj["Key"][base:]
+            if name in KNOWN_FILES:
+                found[name] = RemoteFile(name, obj["Size"], obj["ETag"].strip('"'))
+        if not found:
+            return {}
+        files = tuple(found[name] for name in KNOWN_FILES if name in found)
+        location = str(S3Uri(self.bucket, self.prefix))
+        return {adapter_id: RemoteAdapter(adapter_id, location, "+".join(f.etag for f in files), files)}
+
     def list_adapters(self) -> dict[str, RemoteAdapter]:
+        if self.adapter_id is not None:
+            self.skipped = {}
+            return self._single(self.adapter_id)
         adapters, self.skipped = self._group(self._list())
         return adapters
 
     def version_of(self, adapter: RemoteAdapter) -> str:
         """One LIST of the adapter's folder: the same numbers as the full listing, for one adapter."""
-        current = self._group(self._list(validate_adapter_id(adapter.adapter_id)))[0].get(adapter.adapter_id)
+        if self.adapter_id is not None:
+            current = self._single(self.adapter_id).get(adapter.adapter_id)
+        else:
+            current = self._group(self._list(validate_adapter_id(adapter.adapter_id)))[0].get(adapter.adapter_id)
         if current is None:
             raise AdapterNotFoundError(f"adapter {adapter.adapter_id} is no longer in s3://{self.bucket}/{self.prefix}")
         return current.version
@@ -162,7 +212,7 @@ class S3Source(ParallelFetch):
 
         def write(tmp: Path) -> None:
             for remote in wanted:
-                key = f"{where.prefix}/{remote.name}"
+                key = "/".join(p for p in (where.prefix, remote.name) if p)
                 self._call(f"downloading s3://{self.bucket}/{key}",
                            lambda: self._download(key, remote, tmp / remote.name, adapter.adapter_id))
 

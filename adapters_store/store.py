@@ -1,0 +1,192 @@
+"""AdapterStore: the detached, named Ray actor that owns the adapter registry.
+
+    store = get_or_create_store(StoreConfig(...), engine_config)   # joins it if it exists
+    ray.get(store.register.remote("acme/pirate", "s3://bucket/adapters/acme/pirate"))
+
+Thin glue around `AdapterSyncer` (the logic, no Ray) and `ChangeFeed` (the long-poll):
+  - a sync thread lists each source every `sync_interval_s` (backing off while one is down);
+    `sync_now` runs one at once;
+  - a validated serving version is put into the object store once (`locate` hands out its
+    ObjectRef), so replicas on any node read the weights from there, never from S3;
+  - replicas long-poll `poll`, which also carries their warm set back, so `list_adapters` can
+    say which replicas have an adapter warm.
+
+Threaded actor (`max_concurrency`): long polls hold a thread each while they wait. Created with
+`lifetime="detached"` and `max_restarts=-1`: Ray restarts a dead store, which reloads its
+manifest; `max_task_retries=-1` makes callers' pending calls wait for the restart instead of
+failing. A new epoch tells every replica to resync.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+
+from adapters_store.change_feed import AdapterChange, ChangeBatch, ChangeFeed
+from adapters_store.payload import payload_from_checkpoint
+from adapters_store.syncer import AdapterSyncer, SourceInput, StoreConfig
+from deployments.engine import EngineConfig, slot_geometry
+from deployments.errors import InvalidAdapterError
+
+__all__ = ["AdapterStore", "get_or_create_store", "get_store"]
+
+logger = logging.getLogger("adapters_store.store")
+
+MAX_POLL_S = 30.0
+REPLICA_REPORT_TTL_S = 60.0
+STORE_MAX_CONCURRENCY = 256
+
+
+@dataclass
+class ReplicaReport:
+    warm: dict[str, str]  # adapter id -> version in its slot
+    seen_s: float
+
+
+class AdapterStore:
+    def __init__(self, config: dict, engine_config: dict) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.config = StoreConfig.model_validate(config)
+        geometry = slot_geometry(EngineConfig.model_validate(engine_config))
+        self.syncer = AdapterSyncer(self.config, geometry)
+        self.feed = ChangeFeed(self.syncer.serving_versions)
+        self._payloads: dict[str, tuple[str, Any]] = {}  # adapter id -> (version, ObjectRef)
+        self._payload_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+        self._replicas: dict[str, ReplicaReport] = {}
+        self._wake = threading.Event()
+        threading.Thread(target=self._sync_loop, name="adapter-sync", daemon=True).start()
+        logger.info("adapter store up: %s, %d sources, %d adapters", self.syncer.root,
+                    len(self.syncer.sources()), len(self.syncer.registry))
+
+    # ---- the admin surface ---------------------------------------------------------------------
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            replicas = {rid: sorted(r.warm) for rid, r in self._replicas.items() if now - r.seen_s < REPLICA_REPORT_TTL_S}
+        return {**self.syncer.status(), "epoch": self.feed.epoch, "seq": self.feed.seq, "replicas": replicas}
+
+    def register(self, adapter_id: str, uri: str, options: Optional[dict] = None) -> dict:
+        record, report = self.syncer.register(adapter_id, uri, options)
+        self._publish(report.changes)
+        current = record.current
+        if current is not None and current.status == "rejected":  # whatever served before still does
+            raise InvalidAdapterError(current.reason or "refused", current.reason_code or "invalid_config")
+        return self._describe(record)
+
+    def add_source(self, uri: str, options: Optional[dict] = None) -> dict:
+        spec, report = self.syncer.add_source(SourceInput(uri=uri, options=options or {}))
+        self._publish(report.changes)
+        return {"source": spec.model_dump(mode="json"), "sync": report.to_dict()}
+
+    def list_adapters(self, tenant: Optional[str] = None, include_deleted: bool = False) -> list[dict]:
+        return [self._describe(r) for r in self.syncer.registry.list(tenant=tenant, include_deleted=include_deleted)]
+
+    def get(self, adapter_id: str, tenant: Optional[str] = None) -> dict:
+        return self._describe(self.syncer.registry.get(adapter_id, tenant=tenant))
+
+    def delete(self, adapter_id: str) -> dict:
+        self._publish(self.syncer.delete(adapter_id))
+        return self._describe(self.syncer.registry.get(adapter_id, include_deleted=True))
+
+    def sync_now(self) -> dict:
+        report = self.syncer.sync()
+        self._publish(report.changes)
+        return report.to_dict()
+
+    # ---- the replicas' surface -----------------------------------------------------------------
+
+    def locate(self, adapter_id: str) -> tuple[str, list]:
+        """(serving version, [ObjectRef of its AdapterPayload]); the ref is put once per version."""
+        with self._lock:
+            lock = self._payload_locks.setdefault(adapter_id, threading.Lock())
+        with lock:  # one put per version however many replicas ask at once
+            version = self.syncer.serving_versions().get(adapter_id)
+            cached = self._payloads.get(adapter_id)
+            if cached is not None and cached[0] == version:
+                return version, [cached[1]]
+            version, config, checkpoint = self.syncer.serving_checkpoint(adapter_id)
+            ref = ray.put(payload_from_checkpoint(adapter_id, version, config, checkpoint))
+            self._payloads[adapter_id] = (version, ref)
+            return version, [ref]
+
+    def poll(self, replica_id: str, epoch: Optional[str], since: int, warm: dict[str, str], timeout_s: float) -> ChangeBatch:
+        """Long-poll for changes after `since`; `warm` is what the replica has in its slots now."""
+        with self._lock:
+            self._replicas[replica_id] = ReplicaReport(dict(warm), time.monotonic())
+        return self.feed.poll(epoch, since, min(max(timeout_s, 0.0), MAX_POLL_S))
+
+    def replica_versions(self, replica_id: str) -> dict[str, str]:
+        """What a replica last reported warm: adapter id -> the version in its slot."""
+        with self._lock:
+            report = self._replicas.get(replica_id)
+            return dict(report.warm) if report is not None else {}
+
+    def forget_replica(self, replica_id: str) -> None:
+        with self._lock:
+            self._replicas.pop(replica_id, None)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _describe(self, record) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            warm_on = sorted(
+                rid for rid, report in self._replicas.items()
+                if now - report.seen_s < REPLICA_REPORT_TTL_S and record.adapter_id in report.warm
+            )
+        return {**record.model_dump(mode="json"), "status": record.status, "warm_on": warm_on}
+
+    def _publish(self, changes: list[AdapterChange]) -> None:
+        if not changes:
+            return
+        for change in changes:
+            self._payloads.pop(change.adapter_id, None)
+        for change in changes:  # put new versions now: warm replicas fetch them right away
+            if change.version is not None:
+                try:
+                    self.locate(change.adapter_id)
+                except Exception as error:  # the replicas' own locate reports it
+                    logger.warning("could not publish %s: %s", change.adapter_id, error)
+        self.feed.publish(changes)
+
+    def _sync_loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=self.syncer.next_due_in_s())
+            self._wake.clear()
+            keys = self.syncer.due()
+            if not keys:
+                continue
+            try:
+                self._publish(self.syncer.sync(keys).changes)
+            except Exception:
+                logger.exception("sync failed")
+                time.sleep(1.0)
+
+
+def _actor_class():
+    return ray.remote(AdapterStore)
+
+
+def get_or_create_store(config: StoreConfig, engine_config: EngineConfig):
+    """The store's handle, creating the detached actor if no one has yet (race-free: get_if_exists)."""
+    return _actor_class().options(
+        name=config.name,
+        namespace=config.namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=STORE_MAX_CONCURRENCY,
+        num_cpus=0,
+    ).remote(config.model_dump(mode="json"), engine_config.model_dump(mode="json"))
+
+
+def get_store(config: StoreConfig):
+    return ray.get_actor(config.name, namespace=config.namespace)

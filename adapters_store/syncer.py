@@ -1,0 +1,438 @@
+"""AdapterSyncer: the adapter store's logic, without Ray.
+
+It watches sources (`SourceSpec`: a root of `<tenant>/<name>/` folders, or one adapter's folder),
+and on each sync of a source: registers new ids, downloads changed versions in parallel, validates
+them with the engine's own checks (`read_checkpoint` + `validate_checkpoint` against the replicas'
+`SlotGeometry`), keeps a validated copy of each serving version under `<root>/versions/`, and marks
+ids that left the source deleted. It returns `AdapterChange`s for the store to broadcast.
+
+Invariants:
+  - A refused version is recorded with its reason and the previous good version keeps serving;
+    a source that cannot be reached changes nothing (the source is "degraded", and is retried
+    with exponential backoff up to `max_backoff_s`).
+  - The registry and the watched sources live in one manifest (`<root>/manifest.json`), saved
+    atomically after every change: a restarted store starts from exactly what was recorded.
+  - One adapter id has one owner: the first source that listed it, or an explicit registration
+    (which takes it over from a root). An admin delete of an id that a root still lists puts it
+    on that root's `excluded` list, so the next sync does not bring it back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_store.adapter_ids import adapter_dir, validate_adapter_id
+from adapters_store.change_feed import AdapterChange
+from adapters_store.checkpoint import LoraCheckpoint, SlotGeometry, read_checkpoint, validate_checkpoint
+from adapters_store.peft_files import ADAPTER_CONFIG_FILE
+from adapters_store.registry import (
+    AdapterConfigSummary,
+    AdapterRecord,
+    Clock,
+    Manifest,
+    Registry,
+    SourceSpec,
+    load_manifest,
+    save_manifest,
+    utc_now,
+)
+from adapters_store.sources import AdapterSource, RetryPolicy, source_for_uri, source_options
+from adapters_store.sources.base import RemoteAdapter
+from deployments.errors import AdapterNotFoundError, InvalidAdapterError, LoraServeError, SourceUnavailableError
+
+__all__ = ["AdapterSyncer", "StoreConfig", "SyncReport", "default_store_root"]
+
+logger = logging.getLogger("adapters_store.syncer")
+
+STORE_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.2, max_delay_s=2.0, total_timeout_s=5.0)
+
+
+def default_store_root() -> str:
+    return str(Path(__file__).resolve().parents[1] / ".cache" / "adapter-store")
+
+
+class SourceInput(BaseModel):
+    """A source as configured or registered: SourceSpec without the store's bookkeeping."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    adapter_id: Optional[str] = None
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    def spec(self) -> SourceSpec:
+        return SourceSpec(uri=self.uri, adapter_id=self.adapter_id, options=self.options)
+
+
+class StoreConfig(BaseModel):
+    """The adapter store's settings (serve_config.yaml: `args.store`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("lora-serve-adapter-store", min_length=1, description="the detached actor's name")
+    namespace: str = Field("lora-serve", min_length=1, description="the Ray namespace it lives in")
+    root: Optional[str] = Field(None, description="manifest + validated copies; default <repo>/.cache/adapter-store")
+    sources: list[SourceInput] = Field(default_factory=list, description="watched from the start")
+    sync_interval_s: float = Field(5.0, gt=0, le=86400, description="each source is listed this often")
+    max_backoff_s: float = Field(60.0, gt=0, description="longest wait before retrying an unreachable source")
+    fetch_workers: int = Field(4, ge=1, le=64, description="parallel downloads per sync")
+    show_progress: bool = Field(False, description="progress bars for downloads (a terminal: the CLI, a job)")
+
+    def resolved_root(self) -> Path:
+        return Path(self.root or default_store_root()).resolve()
+
+
+@dataclass
+class SourceHealth:
+    failures: int = 0
+    last_error: Optional[str] = None
+    last_success_at: Optional[datetime] = None
+    next_attempt_s: float = 0.0  # monotonic clock
+
+
+@dataclass
+class SyncReport:
+    registered: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    unavailable: dict[str, str] = field(default_factory=dict)  # source key -> why
+    skipped: dict[str, str] = field(default_factory=dict)  # where -> why (bad ids, owner conflicts)
+    changes: list[AdapterChange] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "registered": self.registered, "updated": self.updated, "rejected": self.rejected,
+            "deleted": self.deleted, "unavailable": self.unavailable, "skipped": self.skipped,
+            "duration_s": round(self.duration_s, 3),
+        }
+
+
+def _version_folder_name(version: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(version.encode()).hexdigest()[:24]
+
+
+class AdapterSyncer:
+    """Thread-safe: one lock serialises syncs, registrations and deletes."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        geometry: SlotGeometry,
+        *,
+        clock: Clock = utc_now,
+        monotonic: Callable[[], float] = time.monotonic,
+        source_factory: Callable[..., AdapterSource] = source_for_uri,
+    ) -> None:
+        self.config = config
+        self.geometry = geometry
+        self.root = config.resolved_root()
+        self.manifest_path = self.root / "manifest.json"
+        self._versions_root = self.root / "versions"
+        self._staging_root = self.root / "staging"
+        self._monotonic = monotonic
+        self._source_factory = source_factory
+        self._lock = threading.RLock()
+        manifest = load_manifest(self.manifest_path)
+        self.registry = Registry(manifest, clock)
+        self._specs: dict[str, SourceSpec] = {spec.key: spec for spec in manifest.sources}
+        for source in config.sources:
+            spec = source.spec()
+            self._specs.setdefault(spec.key, spec)
+        self._sources: dict[str, AdapterSource] = {}
+        self._health: dict[str, SourceHealth] = {key: SourceHealth() for key in self._specs}
+        shutil.rmtree(self._staging_root, ignore_errors=True)
+        self._save()
+
+    # ---- what the store asks ----------------------------------------------------------------
+
+    def sources(self) -> list[SourceSpec]:
+        with self._lock:
+            return list(self._specs.values())
+
+    def serving_versions(self) -> dict[str, str]:
+        with self._lock:
+            return {r.adapter_id: r.serving.version for r in self.registry.list() if r.serving is not None}
+
+    def due(self) -> list[str]:
+        """Keys of the sources whose next sync time has come."""
+        now = self._monotonic()
+        with self._lock:
+            return [key for key in self._specs if self._health[key].next_attempt_s <= now]
+
+    def next_due_in_s(self) -> float:
+        now = self._monotonic()
+        with self._lock:
+            times = [health.next_attempt_s for health in self._health.values()]
+        return max(0.0, min(times) - now) if times else self.config.sync_interval_s
+
+    def status(self) -> dict:
+        with self._lock:
+            sources = []
+            for key, spec in self._specs.items():
+                health = self._health[key]
+                sources.append({
+                    "uri": spec.uri, "adapter_id": spec.adapter_id, "adapters": len(spec.adapters),
+                    "reachable": health.failures == 0, "failures": health.failures,
+                    "last_error": health.last_error,
+                    "last_success_at": health.last_success_at.isoformat() if health.last_success_at else None,
+                })
+            degraded = any(not s["reachable"] for s in sources)
+            return {
+                "status": "degraded" if degraded else "ok",
+                "adapters": len(self.registry),
+                "serving": sum(1 for r in self.registry.list() if r.serving is not None),
+                "sync_interval_s": self.config.sync_interval_s,
+                "sources": sources,
+            }
+
+    # ---- changes ----------------------------------------------------------------------------
+
+    def add_source(self, source: SourceInput) -> tuple[SourceSpec, SyncReport]:
+        """Watch a new source and sync it now. An unreachable source is refused (nothing kept)."""
+        spec = source.spec()
+        with self._lock:
+            if spec.key in self._specs:
+                return self._specs[spec.key], self.sync([spec.key])
+            self._source_for(spec)  # unknown options fail here, before anything is kept
+            self._specs[spec.key] = spec
+            self._health[spec.key] = SourceHealth()
+            report = self.sync([spec.key])
+            if spec.key in report.unavailable:
+                self._forget_spec(spec.key)
+                raise SourceUnavailableError(f"{spec.uri} cannot be reached: {report.unavailable[spec.key]}")
+            return self._specs[spec.key], report
+
+    def register(self, adapter_id: str, uri: str, options: Optional[dict[str, Any]] = None) -> tuple[AdapterRecord, SyncReport]:
+        """Serve the adapter in the folder at `uri` as `adapter_id`: fetched and validated now.
+
+        Refused input (bad id or URI, unreachable source, no adapter there) registers nothing;
+        a checkpoint that fails validation is recorded as rejected (HTTP callers get 422)."""
+        adapter_id = validate_adapter_id(adapter_id)
+        spec = SourceInput(uri=uri, adapter_id=adapter_id, options=options or {}).spec()
+        with self._lock:
+            listing = self._source_for(spec).list_adapters()
+            if adapter_id not in listing:
+                raise InvalidAdapterError(f"{spec.uri} holds no adapter files", "missing_file")
+            for key, other in list(self._specs.items()):
+                if other.adapter_id == adapter_id and key != spec.key:
+                    self._forget_spec(key)  # registered again from elsewhere: the new place wins
+                elif other.adapter_id is None and adapter_id in other.adapters:
+                    self._specs[key] = other.model_copy(update={
+                        "adapters": [a for a in other.adapters if a != adapter_id],
+                        "excluded": sorted({*other.excluded, adapter_id}),
+                    })
+            self._specs[spec.key] = spec
+            self._health.setdefault(spec.key, SourceHealth())
+            report = self.sync([spec.key], force=True)
+            if spec.key in report.unavailable:
+                raise SourceUnavailableError(f"{spec.uri} cannot be reached: {report.unavailable[spec.key]}")
+            return self.registry.get(adapter_id), report
+
+    def delete(self, adapter_id: str) -> list[AdapterChange]:
+        adapter_id = validate_adapter_id(adapter_id)
+        with self._lock:
+            record = self.registry.get(adapter_id)
+            self.registry.mark_deleted(adapter_id)
+            for key, spec in list(self._specs.items()):
+                if spec.adapter_id == adapter_id:
+                    self._forget_spec(key)
+                elif adapter_id in spec.adapters:
+                    self._specs[key] = spec.model_copy(update={
+                        "adapters": [a for a in spec.adapters if a != adapter_id],
+                        "excluded": sorted({*spec.excluded, adapter_id}),
+                    })
+            shutil.rmtree(adapter_dir(self._versions_root, adapter_id), ignore_errors=True)
+            self._save()
+            logger.info("deleted adapter %s (was %s)", adapter_id, record.status)
+            return [AdapterChange(adapter_id, None)]
+
+    def sync(self, keys: Optional[list[str]] = None, force: bool = False) -> SyncReport:
+        """Sync the given sources (default: all). `force` re-downloads versions already seen."""
+        started = time.monotonic()
+        report = SyncReport()
+        with self._lock:
+            for key in keys if keys is not None else list(self._specs):
+                spec = self._specs.get(key)
+                if spec is None:
+                    continue
+                health = self._health[key]
+                attempt_s = self._monotonic()
+                try:
+                    self._sync_spec(spec, force, report)
+                except SourceUnavailableError as error:
+                    health.failures += 1
+                    health.last_error = str(error)
+                    delay = min(self.config.max_backoff_s, self.config.sync_interval_s * 2 ** (health.failures - 1))
+                    health.next_attempt_s = self._monotonic() + delay
+                    report.unavailable[key] = str(error)
+                    logger.warning("source %s unavailable (%d in a row), retry in %.1f s: %s",
+                                   spec.uri, health.failures, delay, error)
+                else:
+                    if health.failures:
+                        logger.info("source %s reachable again", spec.uri)
+                    health.failures, health.last_error = 0, None
+                    health.last_success_at = utc_now()
+                    # a fixed rate: a slow sync (downloads) does not push the next one back
+                    health.next_attempt_s = max(self._monotonic(), attempt_s + self.config.sync_interval_s)
+            self._save()
+        report.duration_s = time.monotonic() - started
+        return report
+
+    # ---- serving ----------------------------------------------------------------------------
+
+    def serving_checkpoint(self, adapter_id: str) -> tuple[str, dict, LoraCheckpoint]:
+        """(version, adapter_config.json, checkpoint) of the serving version, from the validated
+        copy; a missing copy (a store moved to another node) is fetched again first."""
+        with self._lock:
+            record = self.registry.get(adapter_id)
+            if record.serving is None:
+                why = f": {record.current.reason}" if record.current is not None and record.current.reason else ""
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} has no valid version to serve{why}")
+            version = record.serving
+            folder = self._version_folder(adapter_id, version.version)
+            if not folder.is_dir():
+                owner = self._owner(adapter_id)
+                if owner is not None:
+                    self._sync_spec(owner, True, SyncReport())
+                    self._save()
+                record = self.registry.get(adapter_id)
+                if record.serving is None or not self._version_folder(adapter_id, record.serving.version).is_dir():
+                    raise SourceUnavailableError(f"the serving copy of {adapter_id!r} is gone and could not be fetched again")
+                version = record.serving
+                folder = self._version_folder(adapter_id, version.version)
+            checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
+            if checkpoint.sha256 != version.sha256:
+                raise SourceUnavailableError(f"the stored copy of {adapter_id!r} does not match its recorded sha256")
+            config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+            return version.version, config, checkpoint
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _sync_spec(self, spec: SourceSpec, force: bool, report: SyncReport) -> None:
+        source = self._source_for(spec)
+        listing = source.list_adapters()
+        if spec.adapter_id is not None:
+            listing = {k: v for k, v in listing.items() if k == spec.adapter_id}
+        for where, why in getattr(source, "skipped", {}).items():
+            report.skipped[where] = why
+        accepted: dict[str, RemoteAdapter] = {}
+        for adapter_id, remote in sorted(listing.items()):
+            if adapter_id in spec.excluded:
+                continue
+            owner = self._owner(adapter_id)
+            if owner is not None and owner.key != spec.key:
+                report.skipped[remote.location] = f"{adapter_id} is already served from {owner.uri}"
+                continue
+            accepted[adapter_id] = remote
+        to_fetch = []
+        for adapter_id, remote in accepted.items():
+            known = adapter_id in self.registry
+            record = self.registry.register(adapter_id, remote.location)
+            if not known:
+                report.registered.append(adapter_id)
+            current = record.current
+            if force or current is None or current.version != remote.version:
+                to_fetch.append(remote)
+        outcome = source.fetch_many(to_fetch, self._staging_root, max_workers=self.config.fetch_workers)
+        unavailable = []
+        for adapter_id, error in sorted(outcome.failed.items()):
+            if isinstance(error, InvalidAdapterError):
+                self._reject(adapter_id, accepted[adapter_id].version, error, report)
+            else:
+                unavailable.append(f"{adapter_id}: {error}")
+        for adapter_id, folder in sorted(outcome.fetched.items()):
+            self._validate(adapter_id, accepted[adapter_id].version, folder, report)
+        gone = sorted(set(spec.adapters) - set(accepted))
+        for adapter_id in gone:
+            if adapter_id in self.registry and self._owner_key(adapter_id, spec) == spec.key:
+                self.registry.mark_deleted(adapter_id)
+                shutil.rmtree(adapter_dir(self._versions_root, adapter_id), ignore_errors=True)
+                report.deleted.append(adapter_id)
+                report.changes.append(AdapterChange(adapter_id, None))
+        self._specs[spec.key] = spec.model_copy(update={"adapters": sorted(accepted)})
+        if unavailable:
+            raise SourceUnavailableError("; ".join(unavailable))
+
+    def _validate(self, adapter_id: str, version: str, folder: Path, report: SyncReport) -> None:
+        try:
+            checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
+            validate_checkpoint(checkpoint, self.geometry)
+        except InvalidAdapterError as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._reject(adapter_id, version, error, report)
+            return
+        destination = self._version_folder(adapter_id, version)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(destination, ignore_errors=True)
+        folder.rename(destination)
+        before = self.registry.get(adapter_id).serving
+        self.registry.record_ready(
+            adapter_id, version, checkpoint.sha256, checkpoint.size_bytes, AdapterConfigSummary.from_checkpoint(checkpoint)
+        )
+        for old in destination.parent.iterdir():
+            if old != destination:
+                shutil.rmtree(old, ignore_errors=True)
+        if before is None or before.version != version or before.sha256 != checkpoint.sha256:
+            report.updated.append(adapter_id)
+            report.changes.append(AdapterChange(adapter_id, version))
+            logger.info("adapter %s: version %s ready", adapter_id, version)
+
+    def _reject(self, adapter_id: str, version: str, error: LoraServeError, report: SyncReport) -> None:
+        before = self.registry.get(adapter_id).serving
+        record = self.registry.record_rejected(adapter_id, version, str(error), getattr(error, "reason", None))
+        report.rejected[adapter_id] = str(error)
+        logger.warning("adapter %s: version %s rejected: %s", adapter_id, version, error)
+        if before is not None and record.serving is None:
+            report.changes.append(AdapterChange(adapter_id, None))
+
+    def _version_folder(self, adapter_id: str, version: str) -> Path:
+        return adapter_dir(self._versions_root, adapter_id) / _version_folder_name(version)
+
+    def _owner(self, adapter_id: str) -> Optional[SourceSpec]:
+        single = next((s for s in self._specs.values() if s.adapter_id == adapter_id), None)
+        if single is not None:
+            return single
+        return next((s for s in self._specs.values() if adapter_id in s.adapters), None)
+
+    def _owner_key(self, adapter_id: str, spec: SourceSpec) -> Optional[str]:
+        owner = self._owner(adapter_id)
+        return owner.key if owner is not None else None
+
+    def _source_for(self, spec: SourceSpec) -> AdapterSource:
+        source = self._sources.get(spec.key)
+        if source is None:
+            options: dict[str, Any] = dict(spec.options)
+            scheme = spec.uri.split("://", 1)[0] if "://" in spec.uri else "file"
+            accepted = source_options(scheme)
+            if "retry" in accepted:
+                options.setdefault("retry", STORE_RETRY)
+            if "show_progress" in accepted:
+                options.setdefault("show_progress", self.config.show_progress)
+            if spec.adapter_id is not None:
+                options["adapter_id"] = spec.adapter_id
+            source = self._source_factory(spec.uri, **options)
+            self._sources[spec.key] = source
+        return source
+
+    def _forget_spec(self, key: str) -> None:
+        self._specs.pop(key, None)
+        self._health.pop(key, None)
+        self._sources.pop(key, None)
+
+    def _save(self) -> None:
+        manifest = Manifest(records=self.registry.to_manifest().records, sources=list(self._specs.values()))
+        save_manifest(manifest, self.manifest_path)

@@ -1,0 +1,273 @@
+"""Adapter-affinity replica choice for `LoraReplica`: a Ray Serve `RequestRouter`.
+
+Thin glue around `routing_policy.py`, which holds the whole score. Per routing attempt it turns
+Ray's `RunningReplica`s into `ReplicaView`s, asks `rank_replicas`, and gives the order back to
+Ray as one replica per rank; Ray then takes the first rank whose replica has queue room.
+
+What a view is made of, freshest source first:
+  - queue length: the router's own queue-length cache (Ray updates it on every send, completion
+    and rejection reply), else the replica's last report; `max_ongoing_requests` is the limit;
+  - slots: the replica's last `routing_stats` report (`LoraReplica.record_routing_stats`, polled
+    every `request_routing_stats_period_s`), plus the adapters this router sent there since that
+    report, so a burst for a cold adapter follows its first request instead of loading it on
+    every replica; a replica that has not reported yet counts as empty.
+
+The request's adapter is its `multiplexed_model_id` (the ingress sets it with
+`handle.options(multiplexed_model_id=...)`; empty for the base model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from itertools import takewhile
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from deployments.routing_policy import AdapterLoadTracker, ReplicaView, RoutingWeights, rank_replicas
+
+__all__ = [
+    "ROUTER_CLASS_PATH",
+    "AdapterAffinityRouter",
+    "AffinityRouterSettings",
+    "affinity_request_router_config",
+]
+
+logger = logging.getLogger(__name__)
+
+ROUTER_CLASS_PATH = "deployments.request_router:AdapterAffinityRouter"
+
+UNREPORTED_FREE_SLOTS = 1
+"""Free slots assumed on a replica that has not reported: `rank_replicas` only asks whether
+one is free, and a replica that just started has every slot free."""
+
+
+class AffinityRouterSettings(BaseModel):
+    """The router's knobs: the `request_router_kwargs` of the deployment's `request_router_config`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    service_time_s: float = Field(
+        1.0, gt=0, description="a request's typical time on a replica; turns request rates into demand"
+    )
+    demand_window_s: float = Field(120.0, gt=0, description="how long an adapter's past requests count as demand")
+    report_lag_s: float = Field(
+        1.0,
+        ge=0,
+        description="how long after a request was sent its adapter may still be missing from the replica's report",
+    )
+    routed_ttl_s: float = Field(
+        30.0, gt=0, description="forget an adapter sent to a replica that no report confirmed after this long"
+    )
+    weights: dict[str, float | int] = Field(
+        default_factory=dict, description="overrides of `routing_policy.RoutingWeights` fields"
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_are_routing_weights(cls, weights: dict[str, float | int]) -> dict[str, float | int]:
+        known = {f.name for f in dataclasses.fields(RoutingWeights)}
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise ValueError(f"unknown routing weights {unknown}; known: {sorted(known)}")
+        RoutingWeights(**weights)
+        return weights
+
+    def routing_weights(self) -> RoutingWeights:
+        return RoutingWeights(**self.weights)
+
+
+def affinity_request_router_config(
+    stats_period_s: float = 0.5, *, settings: AffinityRouterSettings | None = None
+) -> RequestRouterConfig:
+    """The `request_router_config` for `LoraReplica.options(...)`: this router, with replicas
+    reporting their slots every `stats_period_s` (Ray's default, 10 s, is too stale for slots)."""
+    settings = settings or AffinityRouterSettings()
+    return RequestRouterConfig(
+        request_router_class=ROUTER_CLASS_PATH,
+        request_router_kwargs=settings.model_dump(),
+        request_routing_stats_period_s=stats_period_s,
+    )
+
+
+class AdapterAffinityRouter(RequestRouter):
+    """Routes each request to the replica `rank_replicas` puts first, given what slots hold.
+
+    Choice per attempt: views of the candidates (module docstring) -> `rank_replicas` -> one
+    replica per rank, best first. The top one is noted as holding the adapter at once, because
+    the next requests of a burst are routed before Ray confirms the first (`on_request_routed`,
+    which notes the replica really used and counts the request's demand).
+
+    When nothing can take the request now, Ray backs off and retries. We then offer the full
+    replicas that `rank_replicas` would wait for, best first: Ray only probes replicas it is given,
+    and its cached queue length can read "full" for up to RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S
+    (10 s) after another router's requests there finished.
+
+    Requests are matched to replicas by request (Ray's default), not FIFO: `FIFOMixin` gives the
+    replica chosen for one adapter's request to the oldest pending request, whose adapter may be
+    cold there. No locality mixin: a warm slot saves more than a same-node hop.
+
+    State is per router (each handle has one) and touched only on the router's event loop.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initialize_state()
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        """Ray calls this with `request_router_kwargs` (see `AffinityRouterSettings`)."""
+        self._settings = AffinityRouterSettings.model_validate(kwargs)
+        self._weights = self._settings.routing_weights()
+        self._demand = AdapterLoadTracker(
+            self._settings.service_time_s, self._settings.demand_window_s, clock=self._get_curr_time_s
+        )
+        self._reports: dict[ReplicaID, Mapping[str, Any]] = {}
+        self._routed: dict[ReplicaID, dict[str, float]] = {}  # adapter -> when sent, since the last report
+        self._bad_reports_logged: set[ReplicaID] = set()
+
+    # ---- Ray's hooks ----------------------------------------------------------------------
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Ray retries without sleeping unless this is set (the mixins set it for the default
+            # router): an empty answer would make it call us again at once, forever.
+            pending_request.routing_context.should_backoff = True
+        adapter_id = _adapter_of(pending_request)
+        now = self._get_curr_time_s()
+        by_id = {_view_id(replica): replica for replica in candidate_replicas}
+        views = [self._view(replica, now) for replica in candidate_replicas]
+        ranked = rank_replicas(views, adapter_id, demand=self._demand, weights=self._weights)
+        if not ranked:
+            ranked = self._replicas_to_wait_for(views, adapter_id)
+        elif adapter_id is not None:
+            self._note_routed(by_id[ranked[0]].replica_id, adapter_id, now)
+        return [[by_id[replica_id]] for replica_id in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
+        adapter_id = _adapter_of(pending_request)
+        if adapter_id is not None:
+            self._demand.record(adapter_id)
+            self._note_routed(replica_id, adapter_id, self._get_curr_time_s())
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray calls this when the replica set or a replica's `routing_stats` changes."""
+        now = self._get_curr_time_s()
+        reports: dict[ReplicaID, Mapping[str, Any]] = {}
+        for replica in replicas:
+            report = replica.routing_stats or {}
+            reports[replica.replica_id] = report
+            if report != self._reports.get(replica.replica_id):
+                self._forget_reported(replica.replica_id, report, now)
+        self._reports = reports
+        self._routed = {replica_id: sent for replica_id, sent in self._routed.items() if replica_id in reports}
+        self._bad_reports_logged.intersection_update(reports)
+        self._demand.prune()
+        super().update_replicas(replicas)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._routed.pop(replica_id, None)
+        self._reports.pop(replica_id, None)
+
+    # ---- translation ----------------------------------------------------------------------
+
+    def _view(self, replica: RunningReplica, now: float) -> ReplicaView:
+        report = replica.routing_stats or {}
+        cached_queue_len = self.replica_queue_len_cache.get(replica.replica_id)
+        sent = self._routed.get(replica.replica_id, {})
+        routed = frozenset(a for a, at in sent.items() if now - at <= self._settings.routed_ttl_s)
+        if report:
+            try:
+                return _reported_view(replica, report, routed, cached_queue_len)
+            except (KeyError, TypeError, ValueError) as error:
+                if replica.replica_id not in self._bad_reports_logged:
+                    self._bad_reports_logged.add(replica.replica_id)
+                    logger.warning("ignoring routing stats of %s (%r): %s", replica.replica_id, report, error)
+        return ReplicaView(
+            replica_id=_view_id(replica),
+            warm=routed,
+            free_slots=UNREPORTED_FREE_SLOTS,
+            evictable_slots=0,
+            queue_len=cached_queue_len or 0,
+            max_queue=replica.max_ongoing_requests,
+        )
+
+    def _replicas_to_wait_for(self, views: Sequence[ReplicaView], adapter_id: str | None) -> list[str]:
+        """The full replicas `rank_replicas` stopped at, best first (see the class docstring)."""
+        has_room = {view.replica_id: view.has_room for view in views}
+        with_room = [
+            dataclasses.replace(
+                view,
+                queue_len=min(view.queue_len, view.max_queue - 1),
+                pending_loads=min(view.pending_loads, view.max_queue - 1),
+            )
+            for view in views
+        ]
+        order = rank_replicas(with_room, adapter_id, demand=self._demand, weights=self._weights)
+        return list(takewhile(lambda replica_id: not has_room[replica_id], order))
+
+    def _note_routed(self, replica_id: ReplicaID, adapter_id: str, now: float) -> None:
+        sent = self._routed.setdefault(replica_id, {})
+        for stale in [a for a, at in sent.items() if now - at > self._settings.routed_ttl_s]:
+            del sent[stale]
+        sent[adapter_id] = now
+
+    def _forget_reported(self, replica_id: ReplicaID, report: Mapping[str, Any], now: float) -> None:
+        """A new report covers the adapters it lists and those sent more than `report_lag_s` ago."""
+        sent = self._routed.get(replica_id)
+        if not sent:
+            return
+        try:
+            warm = _reported_warm(report)
+        except TypeError:  # a malformed report confirms nothing
+            warm = frozenset()
+        oldest_kept = now - self._settings.report_lag_s
+        self._routed[replica_id] = {
+            adapter_id: at for adapter_id, at in sent.items() if adapter_id not in warm and at > oldest_kept
+        }
+
+
+def _reported_view(
+    replica: RunningReplica, report: Mapping[str, Any], routed: frozenset[str], cached_queue_len: int | None
+) -> ReplicaView:
+    """A replica as its last report (`Engine.routing_stats`) describes it, with the adapters
+    sent since (`routed`) added and Ray's fresher queue length when it has one."""
+    reported_warm = _reported_warm(report)
+    routed = routed - reported_warm
+    queue_len = cached_queue_len if cached_queue_len is not None else int(report["queue_len"])
+    return ReplicaView(
+        replica_id=_view_id(replica),
+        warm=reported_warm | routed,
+        free_slots=max(0, int(report["free_slots"]) - len(routed)),  # each routed adapter took one, if left
+        evictable_slots=int(report["evictable_slots"]),
+        queue_len=queue_len,
+        max_queue=replica.max_ongoing_requests,
+        victim=report.get("next_victim"),
+        pending_loads=min(int(report.get("pending_loads", 0)), queue_len),
+    )
+
+
+def _reported_warm(report: Mapping[str, Any]) -> frozenset[str]:
+    warm = report.get("warm", ())
+    if not isinstance(warm, (list, tuple, set, frozenset)):
+        raise TypeError(f"routing stats 'warm' must be a list of adapter ids, got {warm!r}")
+    return frozenset(warm)
+
+
+def _adapter_of(pending_request: PendingRequest | None) -> str | None:
+    if pending_request is None:
+        return None
+    return pending_request.metadata.multiplexed_model_id or None
+
+
+def _view_id(replica: RunningReplica) -> str:
+    """Stable across processes, so every router computes the same rendezvous order."""
+    return replica.replica_id.unique_id
