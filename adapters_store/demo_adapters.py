@@ -266,6 +266,8 @@ def _train_and_publish(style: DemoStyle, recipe: TrainingRecipe, recipe_hash: st
             "train_seconds": round(seconds, 1),
             "versions": {name: _version(name) for name in ("torch", "peft", "transformers")},
         }, indent=2))
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp and safetensors make them private to their owner
+            path.chmod(0o755 if path.is_dir() else 0o644)
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -364,6 +364,7 @@ def summarize_phase(phase: str, outcomes: list[Outcome], before: dict, after: di
         return _summed(after, path) - _summed(before, path)
 
     rows, batches, fills = delta("rows_run"), delta("batches_run"), delta("slots", "misses")
+    acquires = fills + delta("slots", "hits")  # = rows, unless warms (ray_default_warm) acquired too
     engine_warm = {rid: set(s["slots"]["warm"]) for rid, s in after.items()}
     failures: dict[str, int] = {}
     examples: dict[str, str] = {}
@@ -381,6 +382,7 @@ def summarize_phase(phase: str, outcomes: list[Outcome], before: dict, after: di
         "hit_rate": rounded(1 - fills / rows, 4) if rows else None,
         "slot_fills": fills,
         "rows_run": rows,
+        "slot_acquires": acquires,
         "rows_per_batch": rounded(rows / batches, 2) if batches else None,
         "rows_per_replica": {rid[-8:]: s["rows_run"] - before.get(rid, {}).get("rows_run", 0) for rid, s in after.items()},
         "swap_ms_p50": rounded(percentile([v for s in after.values() if (v := s["slots"]["swap_ms_p50"])], 50)),
@@ -446,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--worker-logs", action="store_true", help="Ray workers' logs on stderr (log_to_driver)")
     args = p.parse_args(argv)
     args.model = args.model or ("tiny" if args.quick else "smollm2")
+    args.capacity_rps = None  # measured by the first phase unless --rate is given
     if args.threads is None:
         args.threads = 1  # the driver only sends HTTP; leave the cores to the replicas
     phases = [phase.strip() for phase in args.phases.split(",") if phase.strip()]
@@ -501,6 +504,7 @@ def end_to_end(args, engine_model: str, phases: list[str]) -> dict:
                 log(f"capacity {args.capacity_rps:.2f} requests/s (base model, {burst} at once): rate {args.rate:.2f}/s")
             arrivals.extend(make_arrivals(ids, args.requests, args.rate, args.seed))
         return arrivals
+
     port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     phase_results: dict[str, dict] = {}
@@ -542,7 +546,7 @@ def end_to_end(args, engine_model: str, phases: list[str]) -> dict:
 
 
 def e2e_results(args, phases: dict[str, dict], requests: int) -> dict:
-    capacity = getattr(args, "capacity_rps", None)
+    capacity = args.capacity_rps
     out: dict = {
         "e2e_requests": requests,
         "e2e_measured_requests": requests - max(1, int(requests * WARMUP_FRACTION)),

@@ -130,6 +130,13 @@ def replica_errors():
 _KEYRING: list[KeyRing] = []
 
 
+def _install_keyring(keyring: KeyRing) -> None:
+    """Called from `Router.__init__`. A module-level function, so it writes this module's
+    `_KEYRING`: Ray pickles the Router class by value (`@serve.ingress` shadows it under the same
+    name), and a method's own reference to `_KEYRING` would land in a copy."""
+    _KEYRING[:] = [keyring]
+
+
 async def current_caller(authorization: str | None = Header(None)) -> Caller:
     if not _KEYRING:
         raise LoraServeError("the router has no key ring yet")
@@ -207,7 +214,7 @@ class Router:
     def __init__(self, replicas: DeploymentHandle, settings: dict) -> None:
         self.settings = RouterSettings.model_validate(settings)
         keyring = KeyRing(self.settings.tenants)
-        _KEYRING[:] = [keyring]
+        _install_keyring(keyring)
         if uses_demo_keys(keyring):
             logger.warning("DEMO API KEYS ARE IN USE (sk-acme-demo, sk-globex-demo, sk-admin-demo): anyone can "
                            "call this server; set real keys in serve_config.yaml `tenants` or keys_env")

@@ -1,4 +1,5 @@
-"""The engine benchmarks run end to end on the tiny model and print one complete JSON line last.
+"""The benchmarks run end to end on the tiny model and print one complete JSON line last (the
+store benchmarks on a real local Ray with moto's S3 server).
 
 Compile is off here (a tiny-model graph costs ~30 s on 2 cores); the figures are not checked
 against the goals, only for being present and sane.
@@ -9,7 +10,7 @@ import math
 
 import pytest
 
-from benchmarks import mixed_batch, swap
+from benchmarks import cold_load, mixed_batch, propagation, swap
 
 COMMON_KEYS = ("device", "model", "quick", "torch", "threads", "dtype", "wall_s")
 
@@ -82,3 +83,66 @@ def test_mixed_batch_benchmark_prints_every_key(capsys):
 def test_benchmarks_refuse_an_unknown_model(module):
     with pytest.raises(SystemExit):
         module.main(["--model", "gpt-17"])
+
+
+@pytest.mark.integration
+def test_propagation_benchmark_prints_every_key(capsys):
+    returned = propagation.main(["--model", "tiny", "--quick", "--updates", "2", "--sync-interval", "0.5", "--clients", "2"])
+    line = last_json_line(capsys)
+    assert line == json.loads(json.dumps(returned))
+    for key in COMMON_KEYS:
+        assert key in line
+    assert line["updates"] == 2 and line["warm_replicas"] == 2
+    assert line["failed_requests"] == 0 and line["requests_served"] > 0
+    assert positive(line["propagation_p50_s"]) and line["propagation_p50_s"] <= line["propagation_max_s"]
+    assert line["sync_interval_s"] == 0.5 and line["goal_max_s"] == 1.0
+    assert {"detect_s", "fetch_s", "store_s", "publish_s", "apply_s", "replicas_s"} <= set(line["breakdown"])
+
+
+@pytest.mark.integration
+def test_cold_load_benchmark_prints_every_key(capsys):
+    returned = cold_load.main(["--model", "tiny", "--quick", "--adapters", "2", "--profile-reps", "1"])
+    line = last_json_line(capsys)
+    assert line == json.loads(json.dumps(returned))
+    for key in COMMON_KEYS:
+        assert key in line
+    assert line["adapters"] == 2 and line["rounds"] == 1
+    for key in ("s3_to_slot_p50_ms", "s3_register_p50_ms", "s3_warm_load_p50_ms", "object_store_to_slot_p50_ms",
+                "object_store_to_slot_p90_ms", "object_store_to_slot_wall_p50_ms"):
+        assert positive(line[key]), key
+    assert line["s3_to_slot_p50_ms"] >= line["s3_register_p50_ms"]
+    assert {"locate_rpc_ms", "object_store_get_ms", "checkpoint_from_payload_ms", "validate_ms", "prepare_ms",
+            "write_slot_ms"} <= set(line["profile"])
+
+
+@pytest.mark.parametrize("module", [propagation, cold_load])
+@pytest.mark.parametrize("model", ["gpt-17", "llama-1b"])
+def test_store_benchmarks_refuse_a_model_they_cannot_serve(module, model):
+    with pytest.raises(SystemExit):
+        module.main(["--model", model])
+
+
+@pytest.mark.integration
+def test_routing_benchmark_prints_every_key(capsys):
+    """Simulation + both end-to-end phases over real HTTP on the tiny model (~2 min)."""
+    from benchmarks import common, routing
+
+    returned = routing.main(["--quick", "--model", "tiny", "--requests", "40", "--adapters", "12"])
+    line = last_json_line(capsys)
+    assert line == json.loads(json.dumps(returned))
+    for key in COMMON_KEYS:
+        assert key in line
+    assert line["model"] == "tiny" and line["quick"] is True
+    for policy in ("affinity", "ray_default", "random", "oracle"):
+        assert 0 <= line[f"sim_hit_rate_{policy}"] <= 1 and 0 <= line[f"sim50_hit_rate_{policy}"] <= 1
+    assert line["e2e_requests"] == 40 and line["e2e_transport"] == "http"
+    assert positive(line["e2e_capacity_rps"]) and positive(line["e2e_rate_rps"])
+    for phase in ("affinity", "ray_default"):
+        assert line[f"e2e_failed_{phase}"] == 0, line["e2e_phases"][phase]["failure_examples"]
+        assert 0 <= line[f"e2e_hit_rate_{phase}"] <= 1
+        assert positive(line[f"e2e_p50_ms_{phase}"]) and line[f"e2e_p50_ms_{phase}"] <= line[f"e2e_p99_ms_{phase}"]
+        assert positive(line[f"e2e_tokens_per_s_{phase}"])
+        # each router is fed the replicas' warm slots (Ray's: through @serve.multiplexed)
+        assert line[f"e2e_router_view_matches_engine_{phase}"] >= 0.5
+        assert sum(line["e2e_phases"][phase]["rows_per_replica"].values()) == 36  # every measured request ran once
+    assert not common.ray_processes_left()

@@ -53,6 +53,8 @@ def test_layout_tenants_and_ids(trained):
         assert folder.parts[-2:] == tuple(adapter_id.split("/"))
         visible = {p.name for p in folder.iterdir()}
         assert visible == {"adapter_config.json", "adapter_model.safetensors", RECIPE_FILE}
+        assert folder.stat().st_mode & 0o777 == 0o755, "a server running as another user must read it"
+        assert (folder / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644
         assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "a temp folder was left behind"
     root = next(iter(trained.values())).parents[1]
     assert sorted(LocalSource(root).list_adapters()) == sorted(IDS)

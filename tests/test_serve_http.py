@@ -4,7 +4,6 @@ the openai SDK, the tiny model with two real PEFT adapters registered through th
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import httpx
@@ -36,8 +35,11 @@ def app_args(adapters: dict[str, str]) -> dict:
 
 
 def ray_processes() -> list[str]:
-    found = subprocess.run(["pgrep", "-af", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    return [line for line in found.splitlines() if "pgrep" not in line]
+    """Ray processes this test process started and that are still alive (raylet, GCS, workers);
+    other sessions' clusters on the same machine are not ours to count."""
+    from benchmarks.common import ray_processes_left
+
+    return ray_processes_left()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def served(adapter_folders):
     from deployments.app import build_app
 
     assert not ray_processes(), f"Ray processes from an earlier run are still up: {ray_processes()}"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         started = time.perf_counter()

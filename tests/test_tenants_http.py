@@ -46,7 +46,7 @@ def served(folders):
     from deployments.tenants import demo_tenants_config
 
     assert not ray_processes(), f"Ray processes from an earlier run are still up: {ray_processes()}"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
         args = {
@@ -97,7 +97,7 @@ def model_ids(http, key: str) -> list[str]:
     return [card["id"] for card in response.json()["data"]]
 
 
-@pytest.mark.parametrize("header", [None, "Bearer sk-wrong-key-123", "Basic c2stYWNtZS1kZW1v", "Bearer "])
+@pytest.mark.parametrize("header", [None, "Bearer sk-wrong-key-123", "Basic c2stYWNtZS1kZW1v", "Bearer"])
 def test_no_or_bad_key_is_401_with_a_json_error(http, header):
     headers = {"Authorization": header} if header is not None else {}
     response = http.post("/v1/completions", headers=headers, json={"model": BASE_MODEL, "prompt": "hi"})
