@@ -251,3 +251,18 @@ def test_source_options_are_checked_and_secrets_refused(tmp_path, geometry):
         syncer.add_source(SourceInput(uri=str(tmp_path / "root"), options={"endpoint_url": "http://x"}))
     assert syncer.sources() == []
     assert json.loads(syncer.manifest_path.read_text())["sources"] == []
+
+
+def test_pull_mirrors_a_bucket_into_a_folder_the_store_can_watch(tmp_path, geometry, place):
+    from adapters_store.pull import main
+
+    with moto_s3_server() as s3:
+        bucket = f"adapters-{uuid.uuid4().hex[:8]}"
+        s3.client.create_bucket(Bucket=bucket)
+        for adapter_id, seed in (("acme/pirate", 0), ("shared/json", 1)):
+            files = {p.name: p.read_bytes() for p in place(tmp_path / adapter_id.replace("/", "_"), seed).iterdir()}
+            s3.put_adapter(bucket, f"prod/{adapter_id}", files)
+        s3.put_adapter(bucket, "prod/acme/broken", {WEIGHTS: b"not safetensors"})
+        assert main([f"s3://{bucket}/prod", str(tmp_path / "mirror"), "--endpoint-url", s3.endpoint]) == 1
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "mirror")}])
+    assert sorted(syncer.sync().registered) == ["acme/pirate", "shared/json"]  # the broken one was not pulled
