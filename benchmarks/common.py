@@ -349,3 +349,26 @@ def descendant_cpu_clock(marker: str):
         return times.user + times.system
 
     return clock
+
+
+def wait_for_ray_exit(timeout_s: float = 15.0) -> None:
+    """After `ray.shutdown()`: wait for this process's Ray children to go, warn if some stay."""
+    deadline = time.monotonic() + timeout_s
+    while (left := ray_processes_left()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        log(f"warning: Ray processes still running after shutdown: {left}")
+
+
+def store_bench_engine(model: str):
+    """(EngineConfig, target shapes) the store benchmarks' replicas run: 4 slots, compile off."""
+    from deployments.engine import EngineConfig, slot_geometry
+
+    engine_config = EngineConfig(
+        base_model=engine_model_name(model), compile="off", num_slots=4, max_batch_size=8,
+        max_seq_len=128, max_new_tokens=16, device="cpu",
+    )
+    started = time.perf_counter()
+    shapes = dict(slot_geometry(engine_config).module_shapes)
+    log(f"{len(shapes)} target layers of {engine_config.base_model} ({time.perf_counter() - started:.1f} s)")
+    return engine_config, shapes

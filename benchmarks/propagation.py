@@ -77,16 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     from adapters_store.store import get_or_create_store
     from adapters_store.syncer import SourceInput, StoreConfig
     from benchmarks.moto_s3 import moto_s3_server
-    from deployments.engine import EngineConfig, slot_geometry
     from deployments.replica import LoraReplica
 
-    engine_config = EngineConfig(
-        base_model=common.engine_model_name(args.model), compile="off", num_slots=4, max_batch_size=8,
-        max_seq_len=128, max_new_tokens=16, device="cpu",
-    )
-    t0 = time.perf_counter()
-    shapes = dict(slot_geometry(engine_config).module_shapes)
-    log(f"{len(shapes)} target layers of {engine_config.base_model} ({time.perf_counter() - t0:.1f} s)")
+    engine_config, shapes = common.store_bench_engine(args.model)
     versions = [common.adapter_files(common.make_adapter(shapes, RANK, seed=args.seed * 1000 + i)) for i in range(updates + 1)]
     size = sum(len(b) for b in versions[0].values())
     log(f"{updates + 1} versions of {ADAPTER_ID} (rank {RANK}, {size / 1e6:.2f} MB each) ready")
@@ -189,11 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                     except Exception:
                         pass
                 ray.shutdown()
-    deadline = time.monotonic() + 15
-    while (left := common.ray_processes_left()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if left:
-        log(f"warning: Ray processes still running after shutdown: {left}")
+    common.wait_for_ray_exit()
     return common.emit(info, results, started)
 
 

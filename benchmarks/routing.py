@@ -537,11 +537,7 @@ def end_to_end(args, engine_model: str, phases: list[str]) -> dict:
                 serve.shutdown()
             finally:
                 ray.shutdown()
-    deadline = time.monotonic() + 15
-    while (left := common.ray_processes_left()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if left:
-        log(f"warning: Ray processes still running after shutdown: {left}")
+    common.wait_for_ray_exit()
     return e2e_results(args, phase_results, args.requests)
 
 

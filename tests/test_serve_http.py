@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from tests.ray_cluster import local_ray
+
 pytestmark = pytest.mark.integration
 
 BASE_URL = "http://127.0.0.1:8000"
@@ -34,14 +36,6 @@ def app_args(adapters: dict[str, str]) -> dict:
     return {"num_replicas": 2, "replica_num_cpus": 1, "replica": replica_settings(adapters)}
 
 
-def ray_processes() -> list[str]:
-    """Ray processes this test process started and that are still alive (raylet, GCS, workers);
-    other sessions' clusters on the same machine are not ours to count."""
-    from benchmarks.common import ray_processes_left
-
-    return ray_processes_left()
-
-
 @pytest.fixture(scope="module")
 def adapter_folders(tmp_path_factory) -> dict[str, str]:
     from tests.adapters import make_peft_adapter
@@ -58,29 +52,15 @@ def adapter_folders(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def served(adapter_folders):
     """A local Ray with the app running; always shut down, and no raylet left after."""
-    import ray
     from ray import serve
 
     from deployments.app import build_app
 
-    assert not ray_processes(), f"Ray processes from an earlier run are still up: {ray_processes()}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    with local_ray():
         started = time.perf_counter()
         serve.run(build_app(app_args({a: adapter_folders[a] for a in ADAPTERS})), name="lora-serve", route_prefix="/")
         print(f"app up in {time.perf_counter() - started:.1f} s")
         yield build_app
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-    assert not ray.is_initialized()
-    deadline = time.monotonic() + 15
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not ray_processes(), f"Ray processes left behind: {ray_processes()}"
 
 
 @pytest.fixture(scope="module")

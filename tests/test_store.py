@@ -17,6 +17,7 @@ from adapters_store.payload import checkpoint_from_payload
 from adapters_store.syncer import SourceInput, StoreConfig
 from deployments.engine import EngineConfig
 from tests.adapters import make_peft_adapter
+from tests.ray_cluster import local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -38,16 +39,8 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
 def ray_cluster():
     import ray
 
-    from ray import serve
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray(http_port=None):
         yield ray
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

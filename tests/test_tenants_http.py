@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 
-from tests.test_serve_http import BASE_URL, ray_processes
+from tests.ray_cluster import local_ray
+from tests.test_serve_http import BASE_URL
 
 pytestmark = pytest.mark.integration
 
@@ -39,16 +40,12 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(folders):
-    import ray
     from ray import serve
 
     from deployments.app import build_app
     from deployments.tenants import demo_tenants_config
 
-    assert not ray_processes(), f"Ray processes from an earlier run are still up: {ray_processes()}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    with local_ray():
         args = {
             "num_replicas": 2,
             "replica_num_cpus": 0.5,
@@ -64,15 +61,6 @@ def served(folders):
         }
         serve.run(build_app(args), name="lora-serve", route_prefix="/")
         yield
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-    deadline = time.monotonic() + 15
-    while ray_processes() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not ray_processes(), f"Ray processes left behind: {ray_processes()}"
 
 
 @pytest.fixture(scope="module")
