@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
 from typing import AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
