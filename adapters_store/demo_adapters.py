@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from adapters_store.checkpoint import read_checkpoint
+from deployments.base_model import file_lock
 from adapters_store.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 __all__ = [
@@ -212,7 +212,7 @@ def ensure_demo_adapters(
     out.mkdir(parents=True, exist_ok=True)
     recipe = TrainingRecipe(base_model=base_model, **({} if steps is None else {"steps": steps}))
     folders: dict[str, Path] = {}
-    with _file_lock(out / ".demo-adapters.lock"):
+    with file_lock(out / ".demo-adapters.lock"):
         for style in styles:
             folder = out / style.adapter_id
             recipe_hash = recipe.sha256(style)
@@ -444,17 +444,6 @@ def _torch_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    # flock dies with its holder, so a killed trainer never blocks the next start.
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,9 +67,7 @@ class AdapterStore:
     # ---- the admin surface ---------------------------------------------------------------------
 
     def status(self) -> dict:
-        now = time.monotonic()
-        with self._lock:
-            replicas = {rid: sorted(r.warm) for rid, r in self._replicas.items() if now - r.seen_s < REPLICA_REPORT_TTL_S}
+        replicas = {rid: sorted(warm) for rid, warm in self._live_reports().items()}
         return {**self.syncer.status(), "epoch": self.feed.epoch, "seq": self.feed.seq, "replicas": replicas}
 
     def register(self, adapter_id: str, uri: str, options: Optional[dict] = None) -> dict:
@@ -107,7 +105,7 @@ class AdapterStore:
         with self._lock:
             lock = self._payload_locks.setdefault(adapter_id, threading.Lock())
         with lock:  # one put per version however many replicas ask at once
-            version = self.syncer.serving_versions().get(adapter_id)
+            version = self.syncer.serving_version(adapter_id)
             cached = self._payloads.get(adapter_id)
             if cached is not None and cached[0] == version:
                 return version, [cached[1]]
@@ -134,13 +132,14 @@ class AdapterStore:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _describe(self, record) -> dict:
+    def _live_reports(self) -> dict[str, dict[str, str]]:
+        """replica id -> its warm adapters and versions, for replicas heard from within the TTL."""
         now = time.monotonic()
         with self._lock:
-            warm_on = sorted(
-                rid for rid, report in self._replicas.items()
-                if now - report.seen_s < REPLICA_REPORT_TTL_S and record.adapter_id in report.warm
-            )
+            return {rid: dict(r.warm) for rid, r in self._replicas.items() if now - r.seen_s < REPLICA_REPORT_TTL_S}
+
+    def _describe(self, record) -> dict:
+        warm_on = sorted(rid for rid, warm in self._live_reports().items() if record.adapter_id in warm)
         return {**record.model_dump(mode="json"), "status": record.status, "warm_on": warm_on}
 
     def _publish(self, changes: list[AdapterChange]) -> None:

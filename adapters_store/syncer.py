@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -120,8 +121,6 @@ class SyncReport:
 
 
 def _version_folder_name(version: str) -> str:
-    import hashlib
-
     return hashlib.sha256(version.encode()).hexdigest()[:24]
 
 
@@ -162,6 +161,11 @@ class AdapterSyncer:
     def sources(self) -> list[SourceSpec]:
         with self._lock:
             return list(self._specs.values())
+
+    def serving_version(self, adapter_id: str) -> Optional[str]:
+        """The serving version of one adapter, or None (unknown, deleted or nothing valid)."""
+        record = self.registry.get(adapter_id, include_deleted=True) if adapter_id in self.registry else None
+        return record.serving.version if record is not None and record.serving is not None else None
 
     def serving_versions(self) -> dict[str, str]:
         with self._lock:
@@ -227,14 +231,7 @@ class AdapterSyncer:
             listing = self._source_for(spec).list_adapters()
             if adapter_id not in listing:
                 raise InvalidAdapterError(f"{spec.uri} holds no adapter files", "missing_file")
-            for key, other in list(self._specs.items()):
-                if other.adapter_id == adapter_id and key != spec.key:
-                    self._forget_spec(key)  # registered again from elsewhere: the new place wins
-                elif other.adapter_id is None and adapter_id in other.adapters:
-                    self._specs[key] = other.model_copy(update={
-                        "adapters": [a for a in other.adapters if a != adapter_id],
-                        "excluded": sorted({*other.excluded, adapter_id}),
-                    })
+            self._release(adapter_id, keep=spec.key)  # registered again from elsewhere: the new place wins
             self._specs[spec.key] = spec
             self._health.setdefault(spec.key, SourceHealth())
             report = self.sync([spec.key], force=True)
@@ -247,14 +244,7 @@ class AdapterSyncer:
         with self._lock:
             record = self.registry.get(adapter_id)
             self.registry.mark_deleted(adapter_id)
-            for key, spec in list(self._specs.items()):
-                if spec.adapter_id == adapter_id:
-                    self._forget_spec(key)
-                elif adapter_id in spec.adapters:
-                    self._specs[key] = spec.model_copy(update={
-                        "adapters": [a for a in spec.adapters if a != adapter_id],
-                        "excluded": sorted({*spec.excluded, adapter_id}),
-                    })
+            self._release(adapter_id)
             shutil.rmtree(adapter_dir(self._versions_root, adapter_id), ignore_errors=True)
             self._save()
             logger.info("deleted adapter %s (was %s)", adapter_id, record.status)
@@ -358,7 +348,8 @@ class AdapterSyncer:
             self._validate(adapter_id, accepted[adapter_id].version, folder, report)
         gone = sorted(set(spec.adapters) - set(accepted))
         for adapter_id in gone:
-            if adapter_id in self.registry and self._owner_key(adapter_id, spec) == spec.key:
+            owner = self._owner(adapter_id)
+            if adapter_id in self.registry and owner is not None and owner.key == spec.key:
                 self.registry.mark_deleted(adapter_id)
                 shutil.rmtree(adapter_dir(self._versions_root, adapter_id), ignore_errors=True)
                 report.deleted.append(adapter_id)
@@ -408,10 +399,6 @@ class AdapterSyncer:
             return single
         return next((s for s in self._specs.values() if adapter_id in s.adapters), None)
 
-    def _owner_key(self, adapter_id: str, spec: SourceSpec) -> Optional[str]:
-        owner = self._owner(adapter_id)
-        return owner.key if owner is not None else None
-
     def _source_for(self, spec: SourceSpec) -> AdapterSource:
         source = self._sources.get(spec.key)
         if source is None:
@@ -427,6 +414,20 @@ class AdapterSyncer:
             source = self._source_factory(spec.uri, **options)
             self._sources[spec.key] = source
         return source
+
+    def _release(self, adapter_id: str, keep: Optional[str] = None) -> None:
+        """No source but `keep` serves `adapter_id` any more: its single-adapter spec is dropped,
+        and a root that lists it excludes it from now on."""
+        for key, spec in list(self._specs.items()):
+            if key == keep:
+                continue
+            if spec.adapter_id == adapter_id:
+                self._forget_spec(key)
+            elif adapter_id in spec.adapters:
+                self._specs[key] = spec.model_copy(update={
+                    "adapters": [a for a in spec.adapters if a != adapter_id],
+                    "excluded": sorted({*spec.excluded, adapter_id}),
+                })
 
     def _forget_spec(self, key: str) -> None:
         self._specs.pop(key, None)

@@ -166,16 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             profile = profile_steps(ray, store, store_config, engine_config, timed, profile_reps)
             results = summarize(s3_rows, os_rows, profile, replica_stats, rounds, len(shapes), size)
         finally:
-            try:
-                serve.shutdown()
-            finally:
-                if store is not None:
-                    try:
-                        ray.kill(store)
-                    except Exception:
-                        pass
-                ray.shutdown()
-    common.wait_for_ray_exit()
+            common.shut_down_ray(store)
     return common.emit(info, results, started)
 
 

@@ -360,6 +360,23 @@ def wait_for_ray_exit(timeout_s: float = 15.0) -> None:
         log(f"warning: Ray processes still running after shutdown: {left}")
 
 
+def shut_down_ray(store=None) -> None:
+    """Serve, then the detached store actor (if any), then Ray; wait for its processes to go."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if store is not None:
+            try:
+                ray.kill(store)
+            except Exception:  # already dead or never started: nothing to stop
+                pass
+        ray.shutdown()
+    wait_for_ray_exit()
+
+
 def store_bench_engine(model: str):
     """(EngineConfig, target shapes) the store benchmarks' replicas run: 4 slots, compile off."""
     from deployments.engine import EngineConfig, slot_geometry

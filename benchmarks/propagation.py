@@ -173,16 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 stats_before, stats_after, warm_replicas)
         finally:
             stop.set()
-            try:
-                serve.shutdown()
-            finally:
-                if store is not None:
-                    try:
-                        ray.kill(store)
-                    except Exception:
-                        pass
-                ray.shutdown()
-    common.wait_for_ray_exit()
+            common.shut_down_ray(store)
     return common.emit(info, results, started)
 
 

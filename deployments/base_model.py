@@ -226,7 +226,7 @@ def _build_cache(gguf: Path, folder: Path, expected: dict) -> None:
     cache_dir = folder.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp_prefix = f".{folder.name}.tmp-"
-    with _file_lock(cache_dir / f".{folder.name}.lock"):
+    with file_lock(cache_dir / f".{folder.name}.lock"):
         if _cache_is_complete(folder, expected):  # another process finished while we waited
             return
         # Under the lock, any temp dir is a dead writer's leftover.
@@ -249,8 +249,9 @@ def _build_cache(gguf: Path, folder: Path, expected: dict) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    # flock is released by the kernel if the holder dies, so a crash never wedges later starts.
+def file_lock(path: Path):
+    """An exclusive flock on `path` across processes; the kernel releases it if the holder dies,
+    so a crash never wedges later starts."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

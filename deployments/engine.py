@@ -293,7 +293,6 @@ class Engine:
             slot = self.pool.discard(adapter_id, force=True)
             if slot is not None:
                 self.slot_model.clear_slot(slot)
-            self.host_cache.drop(adapter_id)
             self._slot_versions.pop(adapter_id, None)
             self._local_adapters.pop(adapter_id, None)
             with self._wake:

@@ -26,6 +26,7 @@ from adapters_store.checkpoint import LoraCheckpoint
 from adapters_store.payload import checkpoint_from_payload
 from deployments.engine import Engine
 from deployments.errors import AdapterNotFoundError, SourceUnavailableError
+from deployments.router import unwrap_replica_error
 
 __all__ = ["StoreSubscription"]
 
@@ -59,8 +60,7 @@ class StoreSubscription:
             version, [ref] = ray.get(self._store.locate.remote(adapter_id), timeout=CALL_TIMEOUT_S)
             payload = ray.get(ref, timeout=CALL_TIMEOUT_S)
         except ray.exceptions.RayTaskError as wrapped:
-            cause = wrapped.cause
-            raise (cause if isinstance(cause, Exception) else wrapped) from None
+            raise unwrap_replica_error(wrapped) from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as error:
             raise SourceUnavailableError(f"the adapter store could not be reached: {error}") from None
         return checkpoint_from_payload(payload), version

@@ -8,11 +8,9 @@ that each adapter loads on one replica only.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -312,20 +310,14 @@ def test_bad_router_kwargs_are_refused(kwargs):
 ADAPTERS = ("acme/pirate", "globex/poet", "initech/clerk")
 
 
-def session_processes(session_name: str) -> list[str]:
-    """This test's own Ray processes: other sessions may run Ray on this machine at the same time."""
-    found = subprocess.run(["pgrep", "-af", session_name], capture_output=True, text=True).stdout
-    return [line for line in found.splitlines() if "pgrep" not in line]
-
-
 @pytest.fixture(scope="module")
 def lora_replicas(tmp_path_factory):
     """Two LoraReplica replicas behind this router; Ray is always shut down, nothing left behind."""
-    import ray
     from ray import serve
 
     from deployments.replica import LoraReplica
     from tests.adapters import make_peft_adapter
+    from tests.ray_cluster import local_ray
 
     root = tmp_path_factory.mktemp("adapters")
     folders = {
@@ -341,10 +333,7 @@ def lora_replicas(tmp_path_factory):
         "max_new_tokens": 8,
         "adapters": folders,
     }
-    # "local": a new cluster of our own, never one another process left in /tmp/ray/ray_current_cluster
-    context = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    session_name = Path(context.address_info["session_dir"]).name
-    try:
+    with local_ray(http_port=None):
         app = LoraReplica.options(
             num_replicas=2,
             max_ongoing_requests=MAX_ONGOING,
@@ -353,15 +342,6 @@ def lora_replicas(tmp_path_factory):
             request_router_config=affinity_request_router_config(stats_period_s=0.5),
         ).bind()
         yield serve.run(app, name="affinity", route_prefix=None)
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-    deadline = time.monotonic() + 15
-    while session_processes(session_name) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not session_processes(session_name), f"Ray processes left behind: {session_processes(session_name)}"
 
 
 async def replica_stats(handle, num_replicas: int) -> dict[str, dict]:
