@@ -7,7 +7,8 @@ restarted (a new `epoch`: the store actor restarted and its numbers started over
 changes it missed fell out of the bounded history. So a replica that restarts, or a store that
 restarts, never leaves a replica on a stale version.
 
-Pure (stdlib only, threads): the store actor runs it with `max_concurrency` threads.
+Pure (stdlib only, threads): the store actor runs it with `max_concurrency` threads. The
+messages themselves (`AdapterChange`, `ChangeBatch`) live in `lora_core.changes`.
 """
 
 from __future__ import annotations
@@ -15,26 +16,11 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-__all__ = ["AdapterChange", "ChangeBatch", "ChangeFeed"]
+from lora_core.changes import AdapterChange, ChangeBatch
 
-
-@dataclass(frozen=True)
-class AdapterChange:
-    adapter_id: str
-    version: str | None  # None: deleted, or no valid version serves any more
-
-
-@dataclass(frozen=True)
-class ChangeBatch:
-    epoch: str
-    seq: int  # pass it back as `since` on the next poll
-    changes: tuple[AdapterChange, ...] = ()
-    resync: bool = False
-    """True: `serving` holds every adapter's serving version; forget anything not in it."""
-    serving: Mapping[str, str] = field(default_factory=dict)
+__all__ = ["ChangeFeed"]
 
 
 class ChangeFeed:

@@ -16,9 +16,9 @@ import logging
 import sys
 from pathlib import Path
 
-from adapters_store.checkpoint import read_checkpoint
 from adapters_store.sources import source_for_uri
-from deployments.errors import LoraServeError
+from lora_core.checkpoint import read_checkpoint
+from lora_core.errors import LoraServeError
 
 __all__ = ["main", "pull"]
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,17 +28,19 @@ from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Literal, Option
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from adapters_store.adapter_ids import AdapterId, parse_adapter_id, parse_source_uri, validate_adapter_id
-from deployments.errors import (
+from lora_core.adapter_ids import AdapterId, parse_adapter_id, parse_source_uri, validate_adapter_id
+from lora_core.errors import (
     AdapterNotFoundError,
     LoraServeError,
     ManifestCorruptError,
     ManifestError,
     ManifestVersionError,
 )
+from lora_core.files import write_atomic
+from lora_core.settings import SourceInput
 
 if TYPE_CHECKING:  # checkpoint.py imports torch; the registry must not
-    from adapters_store.checkpoint import LoraCheckpoint, PeftLoraConfig
+    from lora_core.checkpoint import LoraCheckpoint, PeftLoraConfig
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
@@ -72,7 +72,6 @@ VersionStatus = Literal["ready", "rejected"]
 Clock = Callable[[], datetime]
 
 
-# --- errors --------------------------------------------------------------------------------------
 # --- models --------------------------------------------------------------------------------------
 
 
@@ -248,6 +247,11 @@ class SourceSpec(BaseModel):
                 "use the environment (AWS_* variables, HF_TOKEN) or the default credential files")
         return value
 
+    @classmethod
+    def of(cls, source: SourceInput) -> "SourceSpec":
+        """A newly configured or registered source, with no bookkeeping yet."""
+        return cls(uri=source.uri, adapter_id=source.adapter_id, options=source.options)
+
     @property
     def key(self) -> str:
         """What identifies the spec: its URI, plus the adapter id in single-adapter mode."""
@@ -282,8 +286,8 @@ def _replace(model: BaseModel, **changes: object):
 class Registry:
     """The adapter records, changed only through these methods, each of which validates.
 
-    Methods return the new (immutable) record; a lock makes each change atomic when the actor runs
-    them from threads. Nothing here does I/O: the caller saves `to_manifest()` after a change.
+    Methods return the new (immutable) record; one lock makes each change atomic, and each read a
+    consistent copy, when the actor runs them from threads. Nothing here does I/O: the caller saves `to_manifest()` after a change.
     """
 
     def __init__(self, manifest: Optional[Manifest] = None, clock: Clock = utc_now) -> None:
@@ -377,7 +381,8 @@ class Registry:
         """The record, or AdapterNotFoundError when unknown, deleted (unless `include_deleted`) or
         not visible to `tenant` (when given): the error does not say which, so ids do not leak."""
         parsed = parse_adapter_id(adapter_id)
-        record = self._records.get(str(parsed))
+        with self._lock:
+            record = self._records.get(str(parsed))
         if (
             record is None
             or (record.deleted and not include_deleted)
@@ -389,7 +394,8 @@ class Registry:
     def list(self, tenant: Optional[str] = None, include_deleted: bool = False) -> list[AdapterRecord]:
         """Records sorted by id; a tenant sees its own adapters and `shared/*`, None sees all."""
         tenant = _valid_tenant(tenant) if tenant is not None else None
-        records = sorted(self._records.values(), key=lambda r: r.adapter_id)
+        with self._lock:
+            records = sorted(self._records.values(), key=lambda r: r.adapter_id)
         return [
             r for r in records
             if (include_deleted or not r.deleted) and (tenant is None or r.id.visible_to(tenant))
@@ -400,10 +406,13 @@ class Registry:
             return Manifest(records=dict(self._records))
 
     def __contains__(self, adapter_id: object) -> bool:
-        return isinstance(adapter_id, str) and adapter_id in self._records and not self._records[adapter_id].deleted
+        with self._lock:
+            record = self._records.get(adapter_id) if isinstance(adapter_id, str) else None
+        return record is not None and not record.deleted
 
     def __len__(self) -> int:
-        return sum(not r.deleted for r in self._records.values())
+        with self._lock:
+            return sum(not r.deleted for r in self._records.values())
 
     def _live(self, adapter_id: str) -> AdapterRecord:
         adapter_id = validate_adapter_id(adapter_id)
@@ -456,40 +465,6 @@ def backup_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".bak")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder (so the rename is atomic), fsync, os.replace, fsync the folder.
-
-    A crash before os.replace leaves the old file as it was (plus a hidden temp file that is
-    removed here on an exception and ignored by load_manifest otherwise)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a folder; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_manifest(manifest: Manifest, path: str | Path) -> None:
     """Write `manifest` to `path` atomically, first copying the previous manifest to `.bak` if it
     is a good one (a corrupt file never overwrites the last good backup)."""
@@ -506,8 +481,8 @@ def save_manifest(manifest: Manifest, path: str | Path) -> None:
         except ManifestError as error:
             logger.warning("not backing up %s: %s", path, error)
         else:
-            _write_atomic(backup_path(path), previous)
-    _write_atomic(path, data)
+            write_atomic(backup_path(path), previous)
+    write_atomic(path, data)
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -3,6 +3,9 @@
     store = get_or_create_store(StoreConfig(...), engine_config)   # joins it if it exists
     ray.get(store.register.remote("acme/pirate", "s3://bucket/adapters/acme/pirate"))
 
+Replicas create it (`get_or_create_store`); the HTTP ingress only looks it up by name
+(`adapters_store.client`), so the ingress never imports this module or the sources below it.
+
 Thin glue around `AdapterSyncer` (the logic, no Ray) and `ChangeFeed` (the long-poll):
   - a sync thread lists each source every `sync_interval_s` (backing off while one is down);
     `sync_now` runs one at once;
@@ -27,11 +30,14 @@ from typing import Any, Optional
 
 import ray
 
-from adapters_store.change_feed import AdapterChange, ChangeBatch, ChangeFeed
-from adapters_store.payload import payload_from_checkpoint
-from adapters_store.syncer import AdapterSyncer, SourceInput, StoreConfig
-from deployments.engine import EngineConfig, slot_geometry
-from deployments.errors import InvalidAdapterError
+from adapters_store.change_feed import ChangeFeed
+from adapters_store.registry import AdapterRecord
+from adapters_store.syncer import AdapterSyncer
+from lora_core.changes import AdapterChange, ChangeBatch
+from lora_core.errors import InvalidAdapterError
+from lora_core.geometry import slot_geometry
+from lora_core.payload import payload_from_checkpoint
+from lora_core.settings import EngineConfig, SourceInput, StoreConfig
 
 __all__ = ["AdapterStore", "get_or_create_store", "get_store"]
 
@@ -52,7 +58,7 @@ class AdapterStore:
     def __init__(self, config: dict, engine_config: dict) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.config = StoreConfig.model_validate(config)
-        geometry = slot_geometry(EngineConfig.model_validate(engine_config))
+        geometry = slot_geometry(EngineConfig.model_validate(engine_config))  # from file headers: no weights
         self.syncer = AdapterSyncer(self.config, geometry)
         self.feed = ChangeFeed(self.syncer.serving_versions)
         self._payloads: dict[str, tuple[str, Any]] = {}  # adapter id -> (version, ObjectRef)
@@ -62,7 +68,7 @@ class AdapterStore:
         self._wake = threading.Event()
         threading.Thread(target=self._sync_loop, name="adapter-sync", daemon=True).start()
         logger.info("adapter store up: %s, %d sources, %d adapters", self.syncer.root,
-                    len(self.syncer.sources()), len(self.syncer.registry))
+                    len(self.syncer.sources()), self.syncer.adapter_count())
 
     # ---- the admin surface ---------------------------------------------------------------------
 
@@ -84,14 +90,14 @@ class AdapterStore:
         return {"source": spec.model_dump(mode="json"), "sync": report.to_dict()}
 
     def list_adapters(self, tenant: Optional[str] = None, include_deleted: bool = False) -> list[dict]:
-        return [self._describe(r) for r in self.syncer.registry.list(tenant=tenant, include_deleted=include_deleted)]
+        return [self._describe(r) for r in self.syncer.records(tenant=tenant, include_deleted=include_deleted)]
 
     def get(self, adapter_id: str, tenant: Optional[str] = None) -> dict:
-        return self._describe(self.syncer.registry.get(adapter_id, tenant=tenant))
+        return self._describe(self.syncer.record(adapter_id, tenant=tenant))
 
     def delete(self, adapter_id: str) -> dict:
         self._publish(self.syncer.delete(adapter_id))
-        return self._describe(self.syncer.registry.get(adapter_id, include_deleted=True))
+        return self._describe(self.syncer.record(adapter_id, include_deleted=True))
 
     def sync_now(self) -> dict:
         report = self.syncer.sync()
@@ -126,10 +132,6 @@ class AdapterStore:
             report = self._replicas.get(replica_id)
             return dict(report.warm) if report is not None else {}
 
-    def forget_replica(self, replica_id: str) -> None:
-        with self._lock:
-            self._replicas.pop(replica_id, None)
-
     # ---- internals --------------------------------------------------------------------------
 
     def _live_reports(self) -> dict[str, dict[str, str]]:
@@ -138,7 +140,7 @@ class AdapterStore:
         with self._lock:
             return {rid: dict(r.warm) for rid, r in self._replicas.items() if now - r.seen_s < REPLICA_REPORT_TTL_S}
 
-    def _describe(self, record) -> dict:
+    def _describe(self, record: AdapterRecord) -> dict:
         warm_on = sorted(rid for rid, warm in self._live_reports().items() if record.adapter_id in warm)
         return {**record.model_dump(mode="json"), "status": record.status, "warm_on": warm_on}
 

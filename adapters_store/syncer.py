@@ -30,12 +30,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from adapters_store.adapter_ids import adapter_dir, validate_adapter_id
-from adapters_store.change_feed import AdapterChange
-from adapters_store.checkpoint import LoraCheckpoint, SlotGeometry, read_checkpoint, validate_checkpoint
-from adapters_store.peft_files import ADAPTER_CONFIG_FILE
 from adapters_store.registry import (
     AdapterConfigSummary,
     AdapterRecord,
@@ -49,48 +43,26 @@ from adapters_store.registry import (
 )
 from adapters_store.sources import AdapterSource, RetryPolicy, source_for_uri, source_options
 from adapters_store.sources.base import RemoteAdapter
-from deployments.errors import AdapterNotFoundError, InvalidAdapterError, LoraServeError, SourceUnavailableError
+from lora_core.adapter_ids import adapter_dir, validate_adapter_id
+from lora_core.changes import AdapterChange
+from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
+from lora_core.errors import (
+    AdapterNotFoundError,
+    InvalidAdapterError,
+    LoraServeError,
+    SourceError,
+    SourceRefusedError,
+    SourceUnavailableError,
+)
+from lora_core.geometry import SlotGeometry
+from lora_core.peft_files import ADAPTER_CONFIG_FILE
+from lora_core.settings import SourceInput, StoreConfig
 
-__all__ = ["AdapterSyncer", "StoreConfig", "SyncReport", "default_store_root"]
+__all__ = ["AdapterSyncer", "SyncReport"]
 
 logger = logging.getLogger("adapters_store.syncer")
 
 STORE_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.2, max_delay_s=2.0, total_timeout_s=5.0)
-
-
-def default_store_root() -> str:
-    return str(Path(__file__).resolve().parents[1] / ".cache" / "adapter-store")
-
-
-class SourceInput(BaseModel):
-    """A source as configured or registered: SourceSpec without the store's bookkeeping."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    uri: str
-    adapter_id: Optional[str] = None
-    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
-
-    def spec(self) -> SourceSpec:
-        return SourceSpec(uri=self.uri, adapter_id=self.adapter_id, options=self.options)
-
-
-class StoreConfig(BaseModel):
-    """The adapter store's settings (serve_config.yaml: `args.store`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field("lora-serve-adapter-store", min_length=1, description="the detached actor's name")
-    namespace: str = Field("lora-serve", min_length=1, description="the Ray namespace it lives in")
-    root: Optional[str] = Field(None, description="manifest + validated copies; default <repo>/.cache/adapter-store")
-    sources: list[SourceInput] = Field(default_factory=list, description="watched from the start")
-    sync_interval_s: float = Field(5.0, gt=0, le=86400, description="each source is listed this often")
-    max_backoff_s: float = Field(60.0, gt=0, description="longest wait before retrying an unreachable source")
-    fetch_workers: int = Field(4, ge=1, le=64, description="parallel downloads per sync")
-    show_progress: bool = Field(False, description="progress bars for downloads (a terminal: the CLI, a job)")
-
-    def resolved_root(self) -> Path:
-        return Path(self.root or default_store_root()).resolve()
 
 
 @dataclass
@@ -107,7 +79,8 @@ class SyncReport:
     updated: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
-    unavailable: dict[str, str] = field(default_factory=dict)  # source key -> why
+    unavailable: dict[str, str] = field(default_factory=dict)  # source key -> why (unreachable or refused)
+    source_errors: dict[str, SourceError] = field(default_factory=dict)  # the same, typed
     skipped: dict[str, str] = field(default_factory=dict)  # where -> why (bad ids, owner conflicts)
     changes: list[AdapterChange] = field(default_factory=list)
     duration_s: float = 0.0
@@ -125,7 +98,8 @@ def _version_folder_name(version: str) -> str:
 
 
 class AdapterSyncer:
-    """Thread-safe: one lock serialises syncs, registrations and deletes."""
+    """Thread-safe: one lock serialises syncs, registrations and deletes, and guards every read
+    of the registry; callers (the store actor) use these methods, never `registry` itself."""
 
     def __init__(
         self,
@@ -149,7 +123,7 @@ class AdapterSyncer:
         self.registry = Registry(manifest, clock)
         self._specs: dict[str, SourceSpec] = {spec.key: spec for spec in manifest.sources}
         for source in config.sources:
-            spec = source.spec()
+            spec = SourceSpec.of(source)
             self._specs.setdefault(spec.key, spec)
         self._sources: dict[str, AdapterSource] = {}
         self._health: dict[str, SourceHealth] = {key: SourceHealth() for key in self._specs}
@@ -162,9 +136,24 @@ class AdapterSyncer:
         with self._lock:
             return list(self._specs.values())
 
+    def records(self, tenant: Optional[str] = None, include_deleted: bool = False) -> list[AdapterRecord]:
+        """The registry's records (see `Registry.list`), read under the syncer's lock."""
+        with self._lock:
+            return self.registry.list(tenant=tenant, include_deleted=include_deleted)
+
+    def record(self, adapter_id: str, tenant: Optional[str] = None, include_deleted: bool = False) -> AdapterRecord:
+        """One record (see `Registry.get`: AdapterNotFoundError when unknown or not visible)."""
+        with self._lock:
+            return self.registry.get(adapter_id, tenant=tenant, include_deleted=include_deleted)
+
+    def adapter_count(self) -> int:
+        with self._lock:
+            return len(self.registry)
+
     def serving_version(self, adapter_id: str) -> Optional[str]:
         """The serving version of one adapter, or None (unknown, deleted or nothing valid)."""
-        record = self.registry.get(adapter_id, include_deleted=True) if adapter_id in self.registry else None
+        with self._lock:
+            record = self.registry.get(adapter_id, include_deleted=True) if adapter_id in self.registry else None
         return record.serving.version if record is not None and record.serving is not None else None
 
     def serving_versions(self) -> dict[str, str]:
@@ -207,7 +196,7 @@ class AdapterSyncer:
 
     def add_source(self, source: SourceInput) -> tuple[SourceSpec, SyncReport]:
         """Watch a new source and sync it now. An unreachable source is refused (nothing kept)."""
-        spec = source.spec()
+        spec = SourceSpec.of(source)
         with self._lock:
             if spec.key in self._specs:
                 return self._specs[spec.key], self.sync([spec.key])
@@ -215,9 +204,9 @@ class AdapterSyncer:
             self._specs[spec.key] = spec
             self._health[spec.key] = SourceHealth()
             report = self.sync([spec.key])
-            if spec.key in report.unavailable:
+            if spec.key in report.source_errors:
                 self._forget_spec(spec.key)
-                raise SourceUnavailableError(f"{spec.uri} cannot be reached: {report.unavailable[spec.key]}")
+                raise _about(spec, report.source_errors[spec.key])
             return self._specs[spec.key], report
 
     def register(self, adapter_id: str, uri: str, options: Optional[dict[str, Any]] = None) -> tuple[AdapterRecord, SyncReport]:
@@ -226,7 +215,7 @@ class AdapterSyncer:
         Refused input (bad id or URI, unreachable source, no adapter there) registers nothing;
         a checkpoint that fails validation is recorded as rejected (HTTP callers get 422)."""
         adapter_id = validate_adapter_id(adapter_id)
-        spec = SourceInput(uri=uri, adapter_id=adapter_id, options=options or {}).spec()
+        spec = SourceSpec.of(SourceInput(uri=uri, adapter_id=adapter_id, options=options or {}))
         with self._lock:
             listing = self._source_for(spec).list_adapters()
             if adapter_id not in listing:
@@ -235,8 +224,8 @@ class AdapterSyncer:
             self._specs[spec.key] = spec
             self._health.setdefault(spec.key, SourceHealth())
             report = self.sync([spec.key], force=True)
-            if spec.key in report.unavailable:
-                raise SourceUnavailableError(f"{spec.uri} cannot be reached: {report.unavailable[spec.key]}")
+            if spec.key in report.source_errors:
+                raise _about(spec, report.source_errors[spec.key])
             return self.registry.get(adapter_id), report
 
     def delete(self, adapter_id: str) -> list[AdapterChange]:
@@ -263,14 +252,16 @@ class AdapterSyncer:
                 attempt_s = self._monotonic()
                 try:
                     self._sync_spec(spec, force, report)
-                except SourceUnavailableError as error:
+                except SourceError as error:  # refused too: a bucket or a permission may come later
                     health.failures += 1
                     health.last_error = str(error)
                     delay = min(self.config.max_backoff_s, self.config.sync_interval_s * 2 ** (health.failures - 1))
                     health.next_attempt_s = self._monotonic() + delay
                     report.unavailable[key] = str(error)
-                    logger.warning("source %s unavailable (%d in a row), retry in %.1f s: %s",
-                                   spec.uri, health.failures, delay, error)
+                    report.source_errors[key] = error
+                    logger.warning("source %s %s (%d in a row), retry in %.1f s: %s", spec.uri,
+                                   "refused" if isinstance(error, SourceRefusedError) else "unavailable",
+                                   health.failures, delay, error)
                 else:
                     if health.failures:
                         logger.info("source %s reachable again", spec.uri)
@@ -338,12 +329,13 @@ class AdapterSyncer:
             if force or current is None or current.version != remote.version:
                 to_fetch.append(remote)
         outcome = source.fetch_many(to_fetch, self._staging_root, max_workers=self.config.fetch_workers)
-        unavailable = []
+        unavailable, retryable = [], False
         for adapter_id, error in sorted(outcome.failed.items()):
             if isinstance(error, InvalidAdapterError):
                 self._reject(adapter_id, accepted[adapter_id].version, error, report)
             else:
                 unavailable.append(f"{adapter_id}: {error}")
+                retryable = retryable or not isinstance(error, SourceRefusedError)
         for adapter_id, folder in sorted(outcome.fetched.items()):
             self._validate(adapter_id, accepted[adapter_id].version, folder, report)
         gone = sorted(set(spec.adapters) - set(accepted))
@@ -356,7 +348,7 @@ class AdapterSyncer:
                 report.changes.append(AdapterChange(adapter_id, None))
         self._specs[spec.key] = spec.model_copy(update={"adapters": sorted(accepted)})
         if unavailable:
-            raise SourceUnavailableError("; ".join(unavailable))
+            raise (SourceUnavailableError if retryable else SourceRefusedError)("; ".join(unavailable))
 
     def _validate(self, adapter_id: str, version: str, folder: Path, report: SyncReport) -> None:
         try:
@@ -437,3 +429,10 @@ class AdapterSyncer:
     def _save(self) -> None:
         manifest = Manifest(records=self.registry.to_manifest().records, sources=list(self._specs.values()))
         save_manifest(manifest, self.manifest_path)
+
+
+def _about(spec: SourceSpec, error: SourceError) -> SourceError:
+    """The same error type, saying which source it is about."""
+    if isinstance(error, SourceRefusedError):
+        return SourceRefusedError(f"{spec.uri} refused: {error}")
+    return SourceUnavailableError(f"{spec.uri} cannot be reached: {error}")

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("this benchmark starts its own local Ray (and its S3 env first): ray.shutdown() before")
 
     from adapters_store.store import get_or_create_store
-    from adapters_store.syncer import StoreConfig
     from benchmarks.moto_s3 import moto_s3_server
     from deployments.replica import LoraReplica
+    from lora_core.settings import StoreConfig
 
     engine_config, shapes = common.store_bench_engine(args.model)
     ids = ["acme/cold-warmup"] + [f"{'acme' if i % 2 else 'globex'}/cold-{i}" for i in range(count)]
@@ -191,20 +191,22 @@ class StepProfiler:
         import ray
         import torch
 
-        from deployments.engine import EngineConfig, _load_base, _slot_model
+        from deployments.engine.devices import resolve_dtype
+        from deployments.engine.engine import load_engine_base, slot_model_for
+        from lora_core.settings import EngineConfig
 
         torch.set_num_threads(1)
         config = EngineConfig.model_validate(engine_config)
         self.store = ray.get_actor(store_name, namespace=namespace)
-        base = _load_base(config, "cpu", config.resolved_dtype())
-        self.slot_model = _slot_model(base, config, config.num_slots)
+        base = load_engine_base(config, "cpu", resolve_dtype(config))
+        self.slot_model = slot_model_for(base, config, config.num_slots)
 
     def run(self, adapter_ids: list[str], reps: int) -> dict[str, list[float]]:
         import ray
         import torch
 
-        from adapters_store.checkpoint import validate_checkpoint
-        from adapters_store.payload import checkpoint_from_payload
+        from lora_core.checkpoint import validate_checkpoint
+        from lora_core.payload import checkpoint_from_payload
 
         steps: dict[str, list[float]] = {}
 

@@ -126,7 +126,7 @@ def emit(info: RunInfo, results: dict[str, Any], started_s: float) -> dict[str, 
 
 def load_base(model: str, device: str, dtype: torch.dtype):
     """A freshly loaded base model (a `LoadedBaseModel`) on `device` in `dtype`."""
-    from deployments.base_model import SMOLLM2_NAME, TINY_NAME, BaseModelSpec, load_base_model
+    from deployments.engine.base_model import SMOLLM2_NAME, TINY_NAME, BaseModelSpec, load_base_model
 
     if model == "llama-1b":
         return build_llama_1b(device, dtype)
@@ -138,23 +138,23 @@ def build_llama_1b(device: str, dtype: torch.dtype, seed: int = 1234):
     """A Llama-shaped ~0.85 B model with fixed-seed random weights, built on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from deployments.base_model import TINY_NAME, BaseModelSpec, LoadedBaseModel, load_base_model
+    from deployments.engine.base_model import TINY_NAME, BaseModelSpec, LoadedBaseModel, load_base_model
+    from lora_core.base_models import tiny_llama_config
 
     # The tiny tokenizer (259 tokens, eos/pad = 2) covers ids < 259; larger ids decode to nothing,
     # which is fine for throughput (rows count tokens, not text).
     tokenizer = load_base_model(BaseModelSpec(name=TINY_NAME)).tokenizer
     config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **tiny_llama_config(  # the tiny tokenizer's special token ids, at 1B sizes
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+        ),
         attn_implementation="sdpa",
     )
     config.name_or_path = "llama-1b-random"
@@ -280,7 +280,7 @@ def adapter_files(adapter: SyntheticAdapter, base_model_name: str | None = None)
     store refuses the adapter (`base_model_mismatch`)."""
     from safetensors.torch import save
 
-    from adapters_store.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+    from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
     config = dict(adapter.config)
     if base_model_name is not None:
@@ -291,7 +291,7 @@ def adapter_files(adapter: SyntheticAdapter, base_model_name: str | None = None)
 
 def engine_model_name(model: str) -> str:
     """`--model` -> the EngineConfig.base_model the replicas serve (no llama-1b: it has no name there)."""
-    from deployments.base_model import SMOLLM2_NAME, TINY_NAME
+    from deployments.engine.base_model import SMOLLM2_NAME, TINY_NAME
 
     names = {"smollm2": SMOLLM2_NAME, "tiny": TINY_NAME}
     if model not in names:
@@ -379,7 +379,8 @@ def shut_down_ray(store=None) -> None:
 
 def store_bench_engine(model: str):
     """(EngineConfig, target shapes) the store benchmarks' replicas run: 4 slots, compile off."""
-    from deployments.engine import EngineConfig, slot_geometry
+    from lora_core.geometry import slot_geometry
+    from lora_core.settings import EngineConfig
 
     engine_config = EngineConfig(
         base_model=engine_model_name(model), compile="off", num_slots=4, max_batch_size=8,

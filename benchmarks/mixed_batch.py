@@ -33,10 +33,10 @@ import random
 import sys
 import time
 
+import torch  # noqa: E402  (common sets the environment first)
+
 from benchmarks import common
 from benchmarks.common import log, median, rounded, synchronize
-
-import torch  # noqa: E402  (common sets the environment first)
 
 PROMPTS = (
     "The capital of France is",
@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     reps = args.reps or (4 if args.quick else 5)
     compile_on = args.compile == "on" or (args.compile == "auto" and not (args.quick and device == "cpu"))
 
-    from adapters_store.checkpoint import checkpoint_from_state_dict
-    from deployments.generation import BatchGenerator, GenerationRow, SamplingParams
-    from deployments.slot_lora import SlotLoraModel
+    from deployments.contracts import SamplingParams
+    from deployments.engine.generation import BatchGenerator, GenerationRow
+    from deployments.engine.slot_lora import SlotLoraModel
+    from lora_core.checkpoint import checkpoint_from_state_dict
 
     base = common.load_base(args.model, device, info.dtype)
     log(f"loaded {base.name} in {time.perf_counter() - started:.1f} s")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [
             GenerationRow(
                 prompt_ids=prompt_ids[row],
-                params=SamplingParams(max_tokens=tokens, ignore_eos=True),
+                params=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
                 slot=(order[row] + 1) if name == "mixed" else 0,
                 emit=lambda text, _token, row=row: texts[row].append(text),
                 finish=lambda *_: None,

@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("this benchmark starts its own local Ray (and its S3 env first): ray.shutdown() before")
 
     from adapters_store.store import get_or_create_store
-    from adapters_store.syncer import SourceInput, StoreConfig
     from benchmarks.moto_s3 import moto_s3_server
+    from deployments.contracts import GenerationRequest, SamplingParams
     from deployments.replica import LoraReplica
+    from lora_core.settings import SourceInput, StoreConfig
 
     engine_config, shapes = common.store_bench_engine(args.model)
     versions = [common.adapter_files(common.make_adapter(shapes, RANK, seed=args.seed * 1000 + i)) for i in range(updates + 1)]
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
                 name="propagation", route_prefix=None,
             )
             log(f"{args.replicas} replicas up ({time.perf_counter() - t0:.1f} s)")
-            request = {"prompt": "Tell me a story about", "adapter_id": ADAPTER_ID, "max_tokens": args.max_tokens}
+            request = GenerationRequest(
+                ADAPTER_ID, SamplingParams(max_tokens=args.max_tokens, temperature=0.0), prompt="Tell me a story about"
+            )
 
             # Warm on every replica: requests until the store hears from each that it holds it.
             def warm_everywhere():

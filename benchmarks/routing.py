@@ -51,7 +51,7 @@ Phases (fresh replicas and app name each; the same replica options, both from `b
   it): the replicas holding it, else those holding the fewest ids, for 1-2 s, then all; two at
   random, the shorter queue wins. Checked at run time: 2 s after each phase the driver reads what
   the controller feeds the routers (`_all_running_replicas()`: `multiplexed_model_ids`, or the
-  affinity router's `routing_stats["warm"]`) and compares it with each engine's warm slots
+  affinity router's `RoutingStats.warm`) and compares it with each engine's warm slots
   (`e2e_router_view_matches_engine_*`, Jaccard, 1.0 = same sets).
 
 Per phase, from the replicas' engine stats (summed over replicas, measured part only): hit rate =
@@ -283,9 +283,11 @@ def all_replica_stats(phase: str, replicas: int, rounds: int = 30) -> dict[str, 
 
 def router_view(phase: str) -> dict[str, list[str]]:
     """replica id -> the adapters the request routers were last told it holds: the controller's
-    RunningReplicaInfo (what it broadcasts to routers): `routing_stats["warm"]` for the affinity
+    RunningReplicaInfo (what it broadcasts to routers): the `RoutingStats.warm` for the affinity
     router, `multiplexed_model_ids` for Ray's."""
     from ray.serve.context import _get_global_client
+
+    from deployments.contracts import RoutingStats
 
     controller = _get_global_client()._controller
     view = {}
@@ -293,7 +295,7 @@ def router_view(phase: str) -> dict[str, list[str]]:
         if deployment_id.name == REPLICA_DEPLOYMENT and deployment_id.app_name == app_name(phase):
             for info in infos:
                 if phase == "affinity":
-                    held = (info.routing_stats or {}).get("warm", ())
+                    held = RoutingStats.from_dict(info.routing_stats).warm if info.routing_stats else ()
                 else:
                     held = info.multiplexed_model_ids or ()
                 view[info.replica_id.unique_id] = sorted(held)
@@ -474,9 +476,9 @@ def end_to_end(args, engine_model: str, phases: list[str]) -> dict:
     import ray
 
     from adapters_store.store import get_or_create_store
-    from adapters_store.syncer import SourceInput, StoreConfig
     from benchmarks.moto_s3 import moto_s3_server
-    from deployments.engine import EngineConfig, slot_geometry
+    from lora_core.geometry import slot_geometry
+    from lora_core.settings import EngineConfig, SourceInput, StoreConfig
 
     engine_config = EngineConfig(
         base_model=engine_model, compile="off", device="cpu", num_slots=args.slots,

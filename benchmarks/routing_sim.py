@@ -12,7 +12,7 @@ misses more than the oracle runs its replicas hotter than that, so misses show u
 latency and drops, not only as a hit rate.
 
 Replica model (the same for every router): a FIFO server with at most MAX_QUEUE requests
-queued or in service, and an LRU of SLOTS_PER_REPLICA slots (`deployments.slots.SlotPool`). A
+queued or in service, and an LRU of SLOTS_PER_REPLICA slots (`deployments.engine.slots.SlotPool`). A
 request takes its slot when it reaches the replica (a hit if the adapter is resident, or
 loading for an earlier request); a miss adds MISS_PENALTY_S to that request's service time (the
 fetch + copy into the slot), and requests queued behind it for the same adapter ride on the
@@ -76,14 +76,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deployments.routing_policy import (
-    DEFAULT_WEIGHTS,
-    AdapterLoadTracker,
-    ReplicaView,
-    RoutingWeights,
-    rank_replicas,
-)
-from deployments.slots import SlotPool
+from deployments.engine.slots import SlotPool
+from deployments.routing_policy import DEFAULT_WEIGHTS, AdapterLoadTracker, ReplicaView, RoutingWeights, rank_replicas
 
 __all__ = ["POLICIES", "SimConfig", "run_simulation", "simulate_policy", "main"]
 

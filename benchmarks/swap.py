@@ -30,10 +30,10 @@ import random
 import sys
 import time
 
+import torch  # noqa: E402  (common sets the environment first)
+
 from benchmarks import common
 from benchmarks.common import log, percentile, rounded, synchronize
-
-import torch  # noqa: E402  (common sets the environment first)
 
 BATCH, SEQ_LEN = 4, 16
 
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     device, rng = info.device, random.Random(args.seed)
 
-    from adapters_store.checkpoint import checkpoint_from_state_dict
-    from deployments.slot_lora import SlotLoraModel
+    from deployments.engine.slot_lora import SlotLoraModel
+    from lora_core.checkpoint import checkpoint_from_state_dict
 
     base = common.load_base(args.model, device, info.dtype)
     log(f"loaded {base.name} in {time.perf_counter() - started:.1f} s")

@@ -17,16 +17,19 @@ replicas' user_config in the deploy config instead; it replaces `args.replica` a
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from adapters_store.syncer import SourceInput, StoreConfig
 from deployments.replica import LoraReplica, ReplicaSettings
 from deployments.request_router import affinity_request_router_config
 from deployments.router import Router
 from deployments.tenants import TenantsConfig
+from lora_core.paths import default_demo_adapters_dir
+from lora_core.settings import SourceInput, StoreConfig
 
 __all__ = ["AppArgs", "build_app"]
 
@@ -63,14 +66,18 @@ class AppArgs(BaseModel):
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="the replicas' user_config")
 
     def with_demo_adapters(self) -> "AppArgs":
-        """The demo adapters trained or found in their cache, their folder added to the store's sources."""
-        from adapters_store.demo_adapters import DEFAULT_OUT_DIR, ensure_demo_adapters
+        """The demo adapters trained or found in their cache, their folder added to the store's sources.
 
+        Training is the `cluster.demo_adapters` CLI, run as its own process: it is a job, not part
+        of serving, and the memory it takes is given back when it ends."""
         if self.replica.base_model_path is not None:
             raise ValueError("demo_adapters are trained for a named base_model, not base_model_path; set demo_adapters: false")
-        ensure_demo_adapters(DEFAULT_OUT_DIR, base_model=self.replica.base_model)
+        folder = default_demo_adapters_dir()
+        command = [sys.executable, "-m", "cluster.demo_adapters", "--out", str(folder),
+                   "--base-model", self.replica.base_model, "--no-compare"]
+        subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
         store = self.replica.store or StoreConfig()
-        demo = SourceInput(uri=str(DEFAULT_OUT_DIR))
+        demo = SourceInput(uri=str(folder))
         if demo not in store.sources:
             store = store.model_copy(update={"sources": [*store.sources, demo]})
         return self.model_copy(update={"replica": self.replica.model_copy(update={"store": store})})
@@ -104,6 +111,5 @@ def build_app(args: dict | None = None) -> Application:
         "base_model_name": settings.base_model_name(),
         "tenants": settings.tenants.model_dump(mode="json"),
         "store": settings.replica.store.model_dump(mode="json") if settings.replica.store else None,
-        "engine": settings.replica.engine_config().model_dump(mode="json"),
     }
     return router.bind(replicas.bind(), router_settings)

@@ -1,7 +1,7 @@
 """LoraReplica: the Ray Serve deployment that holds one Engine (base model + LoRA slots).
 
-Thin on purpose: batching, slots, swaps and limits live in `engine.py`; this class turns the
-deployment's `user_config` into an engine and the ingress's request dicts into engine calls.
+Thin on purpose: batching, slots, swaps and limits live in `deployments.engine`; this class turns
+the deployment's `user_config` into an engine and hands it the ingress's `GenerationRequest`s.
 
 Lifecycle. Ray Serve calls `reconfigure(user_config)` right after `__init__` and again on every
 `serve deploy` that changes only the user_config (the replica process stays up):
@@ -31,12 +31,11 @@ from pydantic import Field
 from ray import serve
 
 from adapters_store.store import get_or_create_store
-from adapters_store.syncer import StoreConfig
-from deployments.engine import Completion, Engine, EngineConfig, RequestHandle
-from deployments.errors import EngineClosedError
-from deployments.generation import SamplingParams
-from deployments.schemas import EngineRequest, EngineResult
+from deployments.contracts import GenerationChunk, GenerationRequest
+from deployments.engine import Engine
 from deployments.store_subscription import StoreSubscription
+from lora_core.errors import EngineClosedError
+from lora_core.settings import EngineConfig, StoreConfig
 
 __all__ = ["LoraReplica", "ReplicaSettings", "cpu_allotment"]
 
@@ -139,30 +138,23 @@ class LoraReplica:
 
     # ---- requests (called through a DeploymentHandle by the ingress) ----------------------------
 
-    async def generate(self, request: EngineRequest) -> EngineResult:
-        handle = self._submit(request)
+    async def generate(self, request: GenerationRequest) -> GenerationChunk:
+        handle = self._require_engine().submit(request)  # on the replica's event loop, which gets its events
         try:
-            completion = await handle.aresult()
+            return await handle.aresult()
         except asyncio.CancelledError:  # the caller went away (Serve cancels us): stop the row
             handle.cancel()
             raise
-        return _result(completion)
 
-    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineResult]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Yield text deltas; the last one has `finish_reason` and the token counts. Errors the
         engine finds at submit (limits, unknown adapter) raise before the first yield."""
-        handle = self._submit(request)
-        prompt_tokens = len(handle.prompt_ids)
+        handle = self._require_engine().submit(request)
         finished = False
         try:
             async for chunk in handle.stream():
                 finished = chunk.finish_reason is not None
-                yield EngineResult(
-                    text=chunk.text,
-                    finish_reason=chunk.finish_reason,
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=chunk.completion_tokens,
-                )
+                yield chunk
         finally:
             if not finished:  # cancelled or closed mid-stream: free the batch row
                 handle.cancel()
@@ -195,9 +187,10 @@ class LoraReplica:
 
     def record_routing_stats(self) -> dict:
         """Ray Serve polls this (`request_router_config.request_routing_stats_period_s`) and hands
-        the dict to the request router as `RunningReplica.routing_stats`."""
+        the dict to the request router as `RunningReplica.routing_stats`; Ray wants a dict, so the
+        engine's `RoutingStats` travels as `to_dict()` and is parsed back with `from_dict`."""
         engine = self._engine
-        return engine.routing_stats() if engine is not None else {}
+        return engine.routing_stats().to_dict() if engine is not None else {}
 
     def check_health(self) -> None:
         self._require_engine()
@@ -217,28 +210,3 @@ class LoraReplica:
         if engine is None:
             raise EngineClosedError("this replica has no engine: deploy LoraReplica with a user_config")
         return engine
-
-    def _submit(self, request: EngineRequest) -> RequestHandle:
-        """Runs on the replica's event loop, so the handle delivers events to it."""
-        engine = self._require_engine()
-        ids = engine.encode(prompt=request.get("prompt"), messages=request.get("messages"))
-        max_tokens = request.get("max_tokens")
-        if max_tokens is None:  # chat's default: as many as this prompt leaves room for
-            max_tokens = max(1, min(engine.config.max_new_tokens, engine.config.max_seq_len - len(ids)))
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=request.get("temperature", 0.0),
-            top_p=request.get("top_p", 1.0),
-            seed=request.get("seed"),
-            stop=tuple(request.get("stop") or ()),
-        )
-        return engine.submit(adapter_id=request.get("adapter_id"), params=params, prompt_ids=ids)
-
-
-def _result(completion: Completion) -> EngineResult:
-    return EngineResult(
-        text=completion.text,
-        finish_reason=completion.finish_reason,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-    )

@@ -8,8 +8,8 @@ What a view is made of, freshest source first:
   - queue length: the router's own queue-length cache (Ray updates it on every send, completion
     and rejection reply), else the replica's last report; `max_ongoing_requests` is the limit;
   - slots: the replica's last `routing_stats` report (`LoraReplica.record_routing_stats`, polled
-    every `request_routing_stats_period_s`), plus the adapters this router sent there since that
-    report, so a burst for a cold adapter follows its first request instead of loading it on
+    every `request_routing_stats_period_s`; a `RoutingStats` as a dict, parsed back here), plus
+    the adapters this router sent there since that report, so a burst for a cold adapter follows its first request instead of loading it on
     every replica; a replica that has not reported yet counts as empty.
 
 The request's adapter is its `multiplexed_model_id` (the ingress sets it with
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from itertools import takewhile
 from typing import Any
 
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from deployments.contracts import RoutingStats
 from deployments.routing_policy import AdapterLoadTracker, ReplicaView, RoutingWeights, rank_replicas
 
 __all__ = [
@@ -125,7 +126,7 @@ class AdapterAffinityRouter(RequestRouter):
         self._demand = AdapterLoadTracker(
             self._settings.service_time_s, self._settings.demand_window_s, clock=self._get_curr_time_s
         )
-        self._reports: dict[ReplicaID, Mapping[str, Any]] = {}
+        self._reports: dict[ReplicaID, RoutingStats | None] = {}
         self._routed: dict[ReplicaID, dict[str, float]] = {}  # adapter -> when sent, since the last report
         self._bad_reports_logged: set[ReplicaID] = set()
 
@@ -160,9 +161,9 @@ class AdapterAffinityRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Ray calls this when the replica set or a replica's `routing_stats` changes."""
         now = self._get_curr_time_s()
-        reports: dict[ReplicaID, Mapping[str, Any]] = {}
+        reports: dict[ReplicaID, RoutingStats | None] = {}
         for replica in replicas:
-            report = replica.routing_stats or {}
+            report = self._stats_of(replica)
             reports[replica.replica_id] = report
             if report != self._reports.get(replica.replica_id):
                 self._forget_reported(replica.replica_id, report, now)
@@ -179,18 +180,27 @@ class AdapterAffinityRouter(RequestRouter):
 
     # ---- translation ----------------------------------------------------------------------
 
+    def _stats_of(self, replica: RunningReplica) -> RoutingStats | None:
+        """The replica's last report, or None before its first (or for one that does not parse:
+        logged once per replica)."""
+        report = replica.routing_stats
+        if not report:
+            return None
+        try:
+            return RoutingStats.from_dict(report)
+        except (TypeError, ValueError) as error:
+            if replica.replica_id not in self._bad_reports_logged:
+                self._bad_reports_logged.add(replica.replica_id)
+                logger.warning("ignoring routing stats of %s (%r): %s", replica.replica_id, report, error)
+            return None
+
     def _view(self, replica: RunningReplica, now: float) -> ReplicaView:
-        report = replica.routing_stats or {}
+        report = self._stats_of(replica)
         cached_queue_len = self.replica_queue_len_cache.get(replica.replica_id)
         sent = self._routed.get(replica.replica_id, {})
         routed = frozenset(a for a, at in sent.items() if now - at <= self._settings.routed_ttl_s)
-        if report:
-            try:
-                return _reported_view(replica, report, routed, cached_queue_len)
-            except (KeyError, TypeError, ValueError) as error:
-                if replica.replica_id not in self._bad_reports_logged:
-                    self._bad_reports_logged.add(replica.replica_id)
-                    logger.warning("ignoring routing stats of %s (%r): %s", replica.replica_id, report, error)
+        if report is not None:
+            return _reported_view(replica, report, routed, cached_queue_len)
         return ReplicaView(
             replica_id=_view_id(replica),
             warm=routed,
@@ -220,15 +230,12 @@ class AdapterAffinityRouter(RequestRouter):
             del sent[stale]
         sent[adapter_id] = now
 
-    def _forget_reported(self, replica_id: ReplicaID, report: Mapping[str, Any], now: float) -> None:
+    def _forget_reported(self, replica_id: ReplicaID, report: RoutingStats | None, now: float) -> None:
         """A new report covers the adapters it lists and those sent more than `report_lag_s` ago."""
         sent = self._routed.get(replica_id)
         if not sent:
             return
-        try:
-            warm = _reported_warm(report)
-        except TypeError:  # a malformed report confirms nothing
-            warm = frozenset()
+        warm = frozenset(report.warm) if report is not None else frozenset()  # no report confirms nothing
         oldest_kept = now - self._settings.report_lag_s
         self._routed[replica_id] = {
             adapter_id: at for adapter_id, at in sent.items() if adapter_id not in warm and at > oldest_kept
@@ -236,30 +243,23 @@ class AdapterAffinityRouter(RequestRouter):
 
 
 def _reported_view(
-    replica: RunningReplica, report: Mapping[str, Any], routed: frozenset[str], cached_queue_len: int | None
+    replica: RunningReplica, report: RoutingStats, routed: frozenset[str], cached_queue_len: int | None
 ) -> ReplicaView:
     """A replica as its last report (`Engine.routing_stats`) describes it, with the adapters
     sent since (`routed`) added and Ray's fresher queue length when it has one."""
-    reported_warm = _reported_warm(report)
+    reported_warm = frozenset(report.warm)
     routed = routed - reported_warm
-    queue_len = cached_queue_len if cached_queue_len is not None else int(report["queue_len"])
+    queue_len = cached_queue_len if cached_queue_len is not None else report.queue_len
     return ReplicaView(
         replica_id=_view_id(replica),
         warm=reported_warm | routed,
-        free_slots=max(0, int(report["free_slots"]) - len(routed)),  # each routed adapter took one, if left
-        evictable_slots=int(report["evictable_slots"]),
+        free_slots=max(0, report.free_slots - len(routed)),  # each routed adapter took one, if left
+        evictable_slots=report.evictable_slots,
         queue_len=queue_len,
         max_queue=replica.max_ongoing_requests,
-        victim=report.get("next_victim"),
-        pending_loads=min(int(report.get("pending_loads", 0)), queue_len),
+        victim=report.next_victim,
+        pending_loads=min(report.pending_loads, queue_len),
     )
-
-
-def _reported_warm(report: Mapping[str, Any]) -> frozenset[str]:
-    warm = report.get("warm", ())
-    if not isinstance(warm, (list, tuple, set, frozenset)):
-        raise TypeError(f"routing stats 'warm' must be a list of adapter ids, got {warm!r}")
-    return frozenset(warm)
 
 
 def _adapter_of(pending_request: PendingRequest | None) -> str | None:

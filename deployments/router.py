@@ -17,110 +17,60 @@
 <key>` names the caller (`tenants.py`); a tenant sees its own and `shared/*` adapters, and another
 tenant's adapter is answered exactly like one that does not exist (404).
 
-Errors are mapped to HTTP in one place: the `LoraServeError` handler answers its `status_code`
-with its `to_json()` body. Errors raised in a replica come back through Ray wrapped in a
-`RayTaskError`; `replica_errors()` is the one place that unwraps them to the original typed error
-(they pickle by design). A streamed request reads its first chunk before answering, so the
-errors the engine finds at submit (unknown adapter, limits) still get their status code; an error
-after the headers went out is sent as a last `data: {"error": ...}` event.
+Errors are mapped to HTTP in one place (`deployments.http_errors`). Errors raised in a replica
+or the store come back through Ray wrapped; `deployments.ray_errors.typed_ray_errors` unwraps
+them to the original typed error. A streamed request reads its first chunk before answering, so
+the errors the engine finds at submit (unknown adapter, limits) still get their status code; an
+error after the headers went out is sent as a last `data: {"error": ...}` event.
 
 Overload: a replica queue that is full (`max_queued_requests`) answers 503 with Retry-After.
+
+Importing this module loads no torch, boto3 or huggingface_hub (a test proves it): the ingress
+runs with no CPU of its own and holds no model.
 """
 
 import asyncio
-import contextlib
-import json
 import logging
 from typing import AsyncIterator, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Header
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from adapters_store.adapter_ids import parse_adapter_id
-from adapters_store.syncer import StoreConfig
-from deployments.engine import EngineConfig
-from deployments.errors import (
-    AdapterNotFoundError,
-    ForbiddenError,
-    InvalidAdapterIdError,
-    LoraServeError,
-    OverloadedError,
-)
-from deployments.schemas import (
+from adapters_store.client import StoreLookup
+from deployments import http_errors
+from deployments.contracts import GenerationChunk, GenerationRequest
+from deployments.ray_errors import typed_ray_errors
+from deployments.schemas.admin import RegisterAdapterRequest, RegisterSourceRequest
+from deployments.schemas.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
-    EngineResult,
     ModelList,
-    RegisterAdapterRequest,
-    RegisterSourceRequest,
-    StreamFormat,
 )
+from deployments.schemas.streaming import StreamFormat, sse_event
 from deployments.tenants import Caller, KeyRing, TenantsConfig, uses_demo_keys
+from lora_core.adapter_ids import parse_adapter_id
+from lora_core.errors import (
+    AdapterNotFoundError,
+    ForbiddenError,
+    InvalidAdapterIdError,
+    LoraServeError,
+    ServiceUnavailableError,
+)
+from lora_core.settings import StoreConfig
 
-__all__ = ["Router", "RouterSettings", "app", "current_caller", "unwrap_replica_error"]
+__all__ = ["Router", "RouterSettings", "app", "current_caller"]
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 10.0
-RETRY_AFTER_S = 1
 
 app = FastAPI(title="lora-serve", description="OpenAI-compatible completions over many LoRA adapters on one base model")
-
-
-# ---- errors: the one mapping to HTTP ---------------------------------------------------------
-
-
-@app.exception_handler(LoraServeError)
-async def _lora_serve_error(_request: Request, error: LoraServeError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_s)} if isinstance(error, OverloadedError) else None
-    if error.status_code == 401:
-        headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(error.to_json(), status_code=error.status_code, headers=headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-    details = jsonable_encoder(error.errors(), exclude={"input", "ctx", "url"})
-    first = details[0] if details else {"loc": (), "msg": "invalid request body"}
-    location = [str(part) for part in first["loc"]]
-    if first.get("type") == "json_invalid":
-        message = f"the body is not valid JSON ({first['msg']} at character {location[-1]})"
-    else:
-        where = ".".join(location[1:] if location[:1] == ["body"] else location)
-        message = f"{where}: {first['msg']}" if where else first["msg"]
-    body = {"error": {"type": "invalid_request_body", "message": message, "details": details}}
-    return JSONResponse(body, status_code=422)
-
-
-def unwrap_replica_error(error: BaseException) -> BaseException:
-    """The exception a replica raised, out of Ray's (possibly nested) RayTaskError wrappers."""
-    while isinstance(error, RayTaskError) and error.cause is not None:
-        error = error.cause
-    return error
-
-
-@contextlib.contextmanager
-def replica_errors():
-    """Re-raise a replica's typed error as itself; anything else a replica raised becomes a 500."""
-    try:
-        yield
-    except BackPressureError as error:
-        raise OverloadedError(f"every replica is at its queue limit; retry shortly ({error})", RETRY_AFTER_S) from None
-    except RayTaskError as wrapped:
-        error = unwrap_replica_error(wrapped)
-        if isinstance(error, LoraServeError):
-            raise error from None
-        logger.error("replica call failed: %s", wrapped)
-        raise LoraServeError(f"a replica failed: {type(error).__name__}: {error}") from None
+http_errors.install(app)
 
 
 # ---- callers --------------------------------------------------------------------------------
@@ -155,41 +105,31 @@ async def admin_caller(caller: Caller = Depends(current_caller)) -> Caller:
 # routes could not resolve string annotations and FastAPI read the request body as a query field.
 
 
-def _event(payload: BaseModel | dict | Literal["[DONE]"]) -> str:
-    if isinstance(payload, BaseModel):
-        data = payload.model_dump_json(exclude_none=False)
-    elif isinstance(payload, dict):
-        data = json.dumps(payload)
-    else:
-        data = payload
-    return f"data: {data}\n\n"
-
-
 async def _server_sent_events(
-    first: EngineResult, rest: DeploymentResponseGenerator, fmt: StreamFormat
+    first: GenerationChunk, rest: DeploymentResponseGenerator, fmt: StreamFormat
 ) -> AsyncIterator[str]:
     finished = False
     try:
         for chunk in fmt.opening():
-            yield _event(chunk)
+            yield sse_event(chunk)
         result = first
         while True:
             for chunk in fmt.chunk(result):
-                yield _event(chunk)
-            if result["finish_reason"] is not None:
+                yield sse_event(chunk)
+            if result.finish_reason is not None:
                 finished = True
                 break
-            with replica_errors():
+            with typed_ray_errors():
                 result = await rest.__anext__()
     except StopAsyncIteration:
         finished = True
     except LoraServeError as error:  # the headers are out: the error becomes the last event
         finished = True
-        yield _event(error.to_json())
+        yield sse_event(error.to_json())
     finally:
         if not finished:  # the client went away: stop generating on the replica
             rest.cancel()
-    yield _event("[DONE]")
+    yield sse_event("[DONE]")
 
 
 # ---- the deployment --------------------------------------------------------------------------
@@ -201,7 +141,6 @@ class RouterSettings(BaseModel):
     base_model_name: str = Field(min_length=1, description="the `model` value that means no adapter")
     tenants: TenantsConfig = Field(default_factory=lambda: TenantsConfig(auth="none"))
     store: StoreConfig | None = Field(None, description="the adapter store the admin API and /v1/models use")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="the replicas' engine (the store validates against it)")
 
 
 @serve.deployment(name="Router")
@@ -218,35 +157,21 @@ class Router:
             logger.warning("DEMO API KEYS ARE IN USE (sk-acme-demo, sk-globex-demo, sk-admin-demo): anyone can "
                            "call this server; set real keys in serve_config.yaml `tenants` or keys_env")
         self.replicas = replicas
-        self.store = None
-        if self.settings.store is not None:
-            from adapters_store.store import get_or_create_store
-
-            self.store = get_or_create_store(self.settings.store, self.settings.engine)
+        self.store = StoreLookup(self.settings.store) if self.settings.store is not None else None
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, caller: Caller = Depends(current_caller)):
-        request = body.to_engine_request(self._adapter_for(body.model, caller))
-        if body.stream:
-            return await self._stream(request, StreamFormat("completion", body.model, body.include_usage))
-        with replica_errors():
-            result: EngineResult = await self._replicas_for(request).generate.remote(request)
-        return CompletionResponse.of(body.model, result)
+        return await self._complete(body, "completion", caller)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, caller: Caller = Depends(current_caller)):
-        request = body.to_engine_request(self._adapter_for(body.model, caller))
-        if body.stream:
-            return await self._stream(request, StreamFormat("chat", body.model, body.include_usage))
-        with replica_errors():
-            result: EngineResult = await self._replicas_for(request).generate.remote(request)
-        return ChatCompletionResponse.of(body.model, result)
+        return await self._complete(body, "chat", caller)
 
     @app.get("/v1/models")
     async def models(self, caller: Caller = Depends(current_caller)) -> ModelList:
-        with replica_errors():
+        with typed_ray_errors():
             listing = await self.replicas.list_adapters.remote()
-            records = await self.store.list_adapters.remote(tenant=caller.tenant) if self.store is not None else []
+        records = await self._store_call("list_adapters", tenant=caller.tenant) if self.store is not None else []
         served = {r["adapter_id"] for r in records if r["serving"] is not None} | set(listing["adapters"])
         return ModelList.of(self.settings.base_model_name, [a for a in served if caller.can_see(a)])
 
@@ -283,10 +208,13 @@ class Router:
     @app.get("/healthz")
     async def healthz(self):
         try:
-            with replica_errors():
+            with typed_ray_errors():
                 await asyncio.wait_for(self.replicas.list_adapters.remote(), HEALTH_TIMEOUT_S)
-        except (LoraServeError, asyncio.TimeoutError) as error:
-            return JSONResponse({"status": "unavailable", "reason": str(error) or "timeout"}, status_code=503)
+        except asyncio.TimeoutError:
+            return http_errors.error_response(
+                ServiceUnavailableError(f"no replica answered within {HEALTH_TIMEOUT_S:.0f} s"))
+        except LoraServeError as error:
+            return http_errors.error_response(ServiceUnavailableError(f"the replicas cannot answer: {error}"))
         return {"status": "ok", "base_model": self.settings.base_model_name}
 
     # ---- internals ------------------------------------------------------------------------------
@@ -307,20 +235,32 @@ class Router:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
         return adapter_id
 
-    def _replicas_for(self, request: dict) -> DeploymentHandle:
+    async def _complete(
+        self, body: CompletionRequest | ChatCompletionRequest, kind: Literal["completion", "chat"], caller: Caller
+    ):
+        """Both OpenAI endpoints: one `GenerationRequest` to a replica, whole or streamed."""
+        request = body.to_generation_request(self._adapter_for(body.model, caller))
+        if body.stream:
+            return await self._stream(request, StreamFormat(kind, body.model, body.include_usage))
+        with typed_ray_errors():
+            result: GenerationChunk = await self._replicas_for(request).generate.remote(request)
+        response = CompletionResponse if kind == "completion" else ChatCompletionResponse
+        return response.of(body.model, result)
+
+    def _replicas_for(self, request: GenerationRequest) -> DeploymentHandle:
         """The handle with the request's adapter as its routing key (`request_router.py`)."""
-        return self.replicas.options(multiplexed_model_id=request.get("adapter_id") or "")
+        return self.replicas.options(multiplexed_model_id=request.adapter_id or "")
 
     async def _store_call(self, method: str, *args, **kwargs):
         if self.store is None:
             raise AdapterNotFoundError("this server has no adapter store (set `store` in the app's args)")
-        with replica_errors():
-            return await getattr(self.store, method).remote(*args, **kwargs)
+        with typed_ray_errors("the adapter store"):
+            return await getattr(self.store.handle(), method).remote(*args, **kwargs)
 
-    async def _stream(self, request: dict, fmt: StreamFormat) -> StreamingResponse:
+    async def _stream(self, request: GenerationRequest, fmt: StreamFormat) -> StreamingResponse:
         responses: DeploymentResponseGenerator = self._replicas_for(request).options(stream=True).stream.remote(request)
         try:
-            with replica_errors():
+            with typed_ray_errors():
                 first = await responses.__anext__()
         except BaseException:
             responses.cancel()

@@ -43,8 +43,8 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from adapters_store.adapter_ids import ID_PART_PATTERN, SHARED_TENANT, parse_adapter_id
-from deployments.errors import UnauthorizedError
+from lora_core.adapter_ids import ID_PART_PATTERN, SHARED_TENANT, parse_adapter_id
+from lora_core.errors import UnauthorizedError
 
 logger = logging.getLogger("deployments.tenants")
 

@@ -7,8 +7,10 @@
     HubSource            hf://org/repo[/subfolder]@revision; version = the commit sha
     source_for_uri(uri, **options)   the source for a URI, chosen by scheme from SOURCE_TYPES
 
-Every failure to reach a source is a SourceUnavailableError (503, retry later); a folder without
-safetensors weights is an InvalidAdapterError (`missing_file` / `pickle_file`) at fetch time.
+A source that cannot be reached (or answers 5xx) raises SourceUnavailableError (503, retry later);
+one that answers "no" (no such bucket, repo or revision, access denied) SourceRefusedError (400,
+fix the source: retrying cannot help); a folder without safetensors weights is an
+InvalidAdapterError (`missing_file` / `pickle_file`) at fetch time.
 """
 
 from __future__ import annotations
@@ -16,18 +18,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from adapters_store.adapter_ids import SourceUri, parse_source_uri
-from adapters_store.sources.base import (
-    AdapterSource,
-    FetchOutcome,
-    RemoteAdapter,
-    RemoteFile,
-    RetryPolicy,
-)
+from adapters_store.sources.base import AdapterSource, FetchOutcome, RemoteAdapter, RemoteFile, RetryPolicy
 from adapters_store.sources.hub import HubSource
 from adapters_store.sources.local import FileHashCache, LocalSource
 from adapters_store.sources.s3 import S3Source
-from deployments.errors import InvalidRequestError
+from lora_core.adapter_ids import SourceUri, parse_source_uri
+from lora_core.errors import InvalidRequestError
 
 # Scheme -> source class; each class builds itself from its parsed URI with `from_uri`.
 SOURCE_TYPES: dict[str, Any] = {

@@ -1,21 +1,17 @@
-"""What every adapter source shares: the records it returns, its Protocol, retries, atomic folders.
+"""What every adapter source shares: the records it returns, its Protocol, retries, error mapping.
 
 A source lists adapters with a version string that changes whenever their files change, and
-fetches one adapter's two files into a folder. A fetched folder is published with one rename, so a
-reader sees the old complete folder, no folder, or the new complete folder: never a half download
-and never a mix of an old and a new file.
+fetches one adapter's two files into a folder. A fetched folder is published with one rename
+(`lora_core.files.publish_folder`), so a reader sees the old complete folder, no folder, or the
+new complete folder: never a half download and never a mix of an old and a new file.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +20,9 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, TypeVar, run
 
 from tqdm import tqdm
 
-from adapters_store.adapter_ids import adapter_dir
-from adapters_store.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES
-from deployments.errors import InvalidAdapterError, LoraServeError
+from lora_core.adapter_ids import adapter_dir
+from lora_core.errors import InvalidAdapterError, LoraServeError, SourceError
+from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES
 
 logger = logging.getLogger("adapters_store.sources")
 
@@ -152,6 +148,27 @@ class RetryPolicy:
         raise AssertionError("unreachable")
 
 
+def call_source(
+    retry: RetryPolicy,
+    what: str,
+    fn: Callable[[], T],
+    is_transient: Callable[[BaseException], bool],
+    translate: Callable[[str, Exception], SourceError | None],
+) -> T:
+    """Run one source operation under `retry`; a client library's error that escapes becomes the
+    typed error `translate` gives (unreachable vs refused), so raw botocore or huggingface_hub
+    errors never leave the sources. Typed errors raised inside `fn` pass through unchanged."""
+    try:
+        return retry.call(fn, is_transient, what)
+    except LoraServeError:
+        raise
+    except Exception as error:
+        typed = translate(what, error)
+        if typed is None:
+            raise
+        raise typed from error
+
+
 class Progress:
     """Per-file progress: an INFO log line per file always, a tqdm bar only when asked for and
     stderr is a terminal (a job or the CLI), so tests and actors stay quiet."""
@@ -184,36 +201,6 @@ def human_bytes(size: int | None) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
-
-
-def publish_folder(dest_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Let `write` fill a temporary sibling folder, then rename it to `dest_dir`.
-
-    The temp folder sits next to `dest_dir` (same file system, so the rename is atomic) and is
-    hidden (a leading '.'), so folder scans skip it. An existing `dest_dir` is moved aside first:
-    between the two renames a reader finds no folder, which reads as "not fetched", not as mixed."""
-    dest_dir = Path(dest_dir)
-    dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest_dir.name}.", suffix=".partial", dir=dest_dir.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)
-        old = dest_dir.with_name(f".{dest_dir.name}.{uuid.uuid4().hex[:8]}.old")
-        try:
-            os.rename(dest_dir, old)
-        except FileNotFoundError:
-            old = None
-        try:
-            os.rename(tmp, dest_dir)  # fails if a concurrent fetch of the same folder won the race
-        except OSError:
-            if old is not None and not dest_dir.exists():
-                os.rename(old, dest_dir)  # put the previous complete folder back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only left on failure
-    return dest_dir
 
 
 class ParallelFetch:

@@ -34,7 +34,6 @@ from huggingface_hub.errors import (
 )
 from tqdm import tqdm
 
-from adapters_store.adapter_ids import HubUri, parse_adapter_id, parse_hub_uri, validate_adapter_id
 from adapters_store.sources.base import (
     KNOWN_FILES,
     ParallelFetch,
@@ -42,13 +41,23 @@ from adapters_store.sources.base import (
     RemoteAdapter,
     RemoteFile,
     RetryPolicy,
+    call_source,
     files_to_fetch,
-    publish_folder,
 )
-from deployments.errors import AdapterNotFoundError, InvalidAdapterIdError, InvalidRequestError, SourceUnavailableError
+from lora_core.adapter_ids import HubUri, parse_adapter_id, parse_hub_uri, validate_adapter_id
+from lora_core.errors import (
+    AdapterNotFoundError,
+    InvalidAdapterIdError,
+    InvalidRequestError,
+    SourceError,
+    SourceRefusedError,
+    SourceUnavailableError,
+)
+from lora_core.files import publish_folder
 
 T = TypeVar("T")
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_REFUSED_STATUS = {401, 403}
 
 
 class _SilentTqdm(tqdm):
@@ -113,23 +122,27 @@ class HubSource(ParallelFetch):
         return f"hf://{self.repo_id}@{self.revision} on {self.endpoint or constants.ENDPOINT}"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one Hub operation under the retry policy; translate what escapes into typed errors."""
-        try:
-            return self.retry.call(fn, _is_transient, what)
-        except RevisionNotFoundError as error:
-            raise SourceUnavailableError(f"{what}: revision {self.revision!r} not found in {self.repo_id}") from error
-        except RepositoryNotFoundError as error:  # also gated repos
-            raise SourceUnavailableError(
-                f"{what}: repo {self.repo_id} not found or not accessible (check the name and the token)") from error
-        except RemoteEntryNotFoundError as error:
-            raise SourceUnavailableError(f"{what}: the file is gone; sync again") from error
-        except LocalEntryNotFoundError as error:
-            raise SourceUnavailableError(
-                f"{what}: not in the local cache and the Hub was not asked or not reachable: {error}") from error
-        except (httpx2.TransportError, ConnectionError) as error:
-            raise SourceUnavailableError(f"{what}: cannot reach the Hub: {error}") from error
-        except (HfHubHTTPError, FileMetadataError, OSError) as error:
-            raise SourceUnavailableError(f"{what}: {type(error).__name__}: {error}") from error
+        """Run one Hub operation under the retry policy; what escapes becomes a typed error."""
+        return call_source(self.retry, what, fn, _is_transient, self._translate)
+
+    def _translate(self, what: str, error: Exception) -> SourceError | None:
+        if isinstance(error, RevisionNotFoundError):
+            return SourceRefusedError(f"{what}: revision {self.revision!r} not found in {self.repo_id}")
+        if isinstance(error, RepositoryNotFoundError):  # also gated repos
+            return SourceRefusedError(
+                f"{what}: repo {self.repo_id} not found or not accessible (check the name and the token)")
+        if isinstance(error, RemoteEntryNotFoundError):
+            return SourceUnavailableError(f"{what}: the file is gone; sync again")
+        if isinstance(error, LocalEntryNotFoundError):
+            return SourceUnavailableError(
+                f"{what}: not in the local cache and the Hub was not asked or not reachable: {error}")
+        if isinstance(error, (httpx2.TransportError, ConnectionError)):
+            return SourceUnavailableError(f"{what}: cannot reach the Hub: {error}")
+        if isinstance(error, HfHubHTTPError) and getattr(error.response, "status_code", None) in _REFUSED_STATUS:
+            return SourceRefusedError(f"{what}: the Hub refused the token: {error}")
+        if isinstance(error, (HfHubHTTPError, FileMetadataError, OSError)):
+            return SourceUnavailableError(f"{what}: {type(error).__name__}: {error}")
+        return None
 
     def _snapshot(self) -> tuple[str, dict[str, RemoteFile]]:
         """(commit sha, files by repo path) for the revision, from the Hub or the local cache."""

@@ -17,22 +17,10 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from adapters_store.adapter_ids import LocalUri, parse_adapter_id, parse_local_uri, validate_adapter_id
-from adapters_store.sources.base import (
-    KNOWN_FILES,
-    ParallelFetch,
-    Progress,
-    RemoteAdapter,
-    RemoteFile,
-    files_to_fetch,
-    publish_folder,
-)
-from deployments.errors import (
-    AdapterNotFoundError,
-    InvalidAdapterIdError,
-    InvalidRequestError,
-    SourceUnavailableError,
-)
+from adapters_store.sources.base import KNOWN_FILES, ParallelFetch, Progress, RemoteAdapter, RemoteFile, files_to_fetch
+from lora_core.adapter_ids import LocalUri, parse_adapter_id, parse_local_uri, validate_adapter_id
+from lora_core.errors import AdapterNotFoundError, InvalidAdapterIdError, InvalidRequestError, SourceUnavailableError
+from lora_core.files import publish_folder
 
 _CHUNK_BYTES = 1 << 20
 

@@ -10,23 +10,22 @@ ETag (`IfMatch`), so a file replaced between listing and download is refused, no
 
 Two layers of retry: botocore's own (`botocore_max_attempts`, standard mode) for a single call,
 and `RetryPolicy` around whole operations for connection errors, throttling and 5xx. After them,
-an unreachable endpoint, a missing bucket or refused credentials is a SourceUnavailableError
-with the reason; raw botocore errors never leave this module.
+an unreachable endpoint or a 5xx is a SourceUnavailableError (retry later); a missing bucket,
+refused or missing credentials or the wrong region is a SourceRefusedError (fix the config),
+never retried. Raw botocore errors never leave this module.
 """
 
 from __future__ import annotations
 
 import threading
-
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import HTTPClientError, IncompleteReadError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, NoCredentialsError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from adapters_store.adapter_ids import S3Uri, parse_adapter_id, parse_s3_uri, validate_adapter_id
 from adapters_store.sources.base import (
     KNOWN_FILES,
     ParallelFetch,
@@ -34,16 +33,25 @@ from adapters_store.sources.base import (
     RemoteAdapter,
     RemoteFile,
     RetryPolicy,
+    call_source,
     files_to_fetch,
-    publish_folder,
 )
-from deployments.errors import AdapterNotFoundError, InvalidAdapterIdError, InvalidRequestError, SourceUnavailableError
+from lora_core.adapter_ids import S3Uri, parse_adapter_id, parse_s3_uri, validate_adapter_id
+from lora_core.errors import (
+    AdapterNotFoundError,
+    InvalidAdapterIdError,
+    InvalidRequestError,
+    SourceError,
+    SourceRefusedError,
+    SourceUnavailableError,
+)
+from lora_core.files import publish_folder
 
 T = TypeVar("T")
 _CHUNK_BYTES = 1 << 20
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
                     "ServiceUnavailable"}
-_REASONS = {
+_REFUSALS = {  # answers that retrying cannot change
     "NoSuchBucket": "the bucket does not exist",
     "AccessDenied": "access denied: check the credentials and the bucket policy",
     "InvalidAccessKeyId": "the access key is not known to this endpoint",
@@ -125,15 +133,21 @@ class S3Source(ParallelFetch):
         return f"S3Source({str(S3Uri(self.bucket, self.prefix))!r}{single}, endpoint={self._endpoint!r})"
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one S3 operation under the retry policy; translate what escapes into typed errors."""
-        try:
-            return self.retry.call(fn, _is_transient, what)
-        except ClientError as error:
+        """Run one S3 operation under the retry policy; what escapes becomes a typed error."""
+        return call_source(self.retry, what, fn, _is_transient, self._translate)
+
+    def _translate(self, what: str, error: Exception) -> SourceError | None:
+        where = f"{what} on {self._endpoint} failed"
+        if isinstance(error, ClientError):
             code = _error_code(error)
-            reason = _REASONS.get(code, f"{code}: {error.response.get('Error', {}).get('Message', '')}")
-            raise SourceUnavailableError(f"{what} on {self._endpoint} failed: {reason}") from error
-        except BotoCoreError as error:
-            raise SourceUnavailableError(f"{what} on {self._endpoint} failed: {error}") from error
+            if code in _REFUSALS:
+                return SourceRefusedError(f"{where}: {_REFUSALS[code]}")
+            return SourceUnavailableError(f"{where}: {code}: {error.response.get('Error', {}).get('Message', '')}")
+        if isinstance(error, NoCredentialsError):
+            return SourceRefusedError(f"{where}: no credentials found (set AWS_* variables, a profile or a role)")
+        if isinstance(error, BotoCoreError):
+            return SourceUnavailableError(f"{where}: {error}")
+        return None
 
     def _key_prefix(self, relative: str = "") -> str:
         """`<prefix>/<relative>/`, or "" for the bucket root (an S3 key never starts with '/')."""

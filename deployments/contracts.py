@@ -1,0 +1,145 @@
+"""What crosses Ray on the data path, as frozen types with one definition each.
+
+    SamplingParams      how to sample one request; the defaults and limits live here, once, and the
+                        HTTP bodies (`deployments.schemas.openai`) reuse them
+    ChatTurn            one message of a chat prompt
+    GenerationRequest   what the ingress sends a replica: adapter, prompt (text, chat or token ids),
+                        sampling; built once at the HTTP edge
+    GenerationChunk     what comes back: a text delta while streaming (the last one carries
+                        `finish_reason`), or the whole text of a finished request
+    RoutingStats        what a replica reports to the adapter-affinity request router
+
+`SamplingParams` is a pydantic dataclass, so a value out of bounds is refused wherever one is built
+(pydantic's ValidationError: a 422 at the edge, a ValueError for Python callers). Ray's
+`record_routing_stats` must answer a dict, so `RoutingStats` is turned into one at the replica
+(`to_dict`) and back in the request router (`from_dict`), and nowhere else. No torch, no HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass as validated_dataclass
+
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "DEFAULT_TOP_P",
+    "MAX_SEED",
+    "MAX_STOP_STRINGS",
+    "MAX_TEMPERATURE",
+    "ChatTurn",
+    "FinishReason",
+    "GenerationChunk",
+    "GenerationRequest",
+    "RoutingStats",
+    "SamplingParams",
+    "Seed",
+    "StopStrings",
+    "Temperature",
+    "TokenCount",
+    "TopP",
+]
+
+MAX_STOP_STRINGS = 8
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**63 - 1
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's and vLLM's; pass 0 for greedy decoding
+DEFAULT_TOP_P = 1.0
+
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy decoding")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, description="nucleus sampling mass")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="makes sampling reproducible")]
+TokenCount = Annotated[int, Field(ge=1)]
+StopString = Annotated[str, Field(min_length=1)]
+StopStrings = Annotated[tuple[StopString, ...], Field(max_length=MAX_STOP_STRINGS)]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@validated_dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: TokenCount | None = None
+    """Tokens to generate at most; None: as many as the prompt leaves room for, up to the
+    engine's `max_new_tokens`."""
+    temperature: Temperature = DEFAULT_TEMPERATURE
+    top_p: TopP = DEFAULT_TOP_P
+    seed: Seed | None = None
+    stop: StopStrings = ()
+    ignore_eos: bool = False
+    """Run to max_tokens (benchmarks; vLLM's option of the same name)."""
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str  # "system" | "user" | "assistant", as the chat template reads them
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Exactly one of `prompt`, `messages` and `prompt_ids` (the engine refuses anything else
+    with a 400)."""
+
+    adapter_id: str | None  # None: the base model alone
+    params: SamplingParams = SamplingParams()
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+    prompt_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    text: str
+    finish_reason: FinishReason | None = None
+    """None on every chunk of a stream but the last."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens generated so far (the total, on the last chunk)."""
+    adapter_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """A replica's slots and queue as the request router sees them (`routing_policy.ReplicaView`)."""
+
+    warm: tuple[str, ...] = ()
+    """Adapters in a slot, or waiting for a load that will put them in one."""
+    free_slots: int = 0
+    evictable_slots: int = 0
+    next_victim: str | None = None
+    """What a miss would evict now (None while a slot is free or nothing is evictable)."""
+    queue_len: int = 0
+    """Requests queued or running."""
+    pending_loads: int = 0
+    """Queued requests that wait for their adapter to load."""
+    num_slots: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.warm, tuple) or not all(isinstance(a, str) for a in self.warm):
+            raise TypeError(f"routing stats 'warm' must be a tuple of adapter ids, got {self.warm!r}")
+        for name in ("free_slots", "evictable_slots", "queue_len", "pending_loads", "num_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"routing stats {name!r} must be an integer >= 0, got {value!r}")
+        if self.next_victim is not None and not isinstance(self.next_victim, str):
+            raise TypeError(f"routing stats 'next_victim' must be an adapter id or None, got {self.next_victim!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "warm": list(self.warm)}
+
+    @classmethod
+    def from_dict(cls, report: Mapping[str, Any]) -> "RoutingStats":
+        """Parse a replica's report; TypeError or ValueError if it is not one."""
+        if not isinstance(report, Mapping):
+            raise TypeError(f"routing stats must be a mapping, got {type(report).__name__}")
+        fields = set(cls.__dataclass_fields__)
+        if unknown := set(report) - fields:
+            raise ValueError(f"unknown routing stats fields {sorted(unknown)}")
+        if missing := fields - set(report):
+            raise ValueError(f"routing stats lack {sorted(missing)}")
+        warm = report.get("warm", ())
+        if not isinstance(warm, (list, tuple)):
+            raise TypeError(f"routing stats 'warm' must be a list of adapter ids, got {warm!r}")
+        return cls(**{**report, "warm": tuple(warm)})

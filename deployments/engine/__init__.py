@@ -1,0 +1,39 @@
+"""The replica engine: one base model, N LoRA slots on one (optionally compiled) graph, batched
+generation across adapters. Usable without Ray:
+
+    from deployments.engine import Engine
+    from lora_core.settings import EngineConfig
+
+    engine = Engine(EngineConfig(base_model="tiny-random-llama", compile="off"))
+
+    engine        Engine: the facade (adapters, requests, stats)
+    residency     AdapterResidency: which adapter version is where (slots, host cache, folders)
+    scheduler     Scheduler: the loop thread that runs commands and batches in turn
+    handles       RequestHandle: stream, await or cancel one request
+    generation    BatchGenerator: a batch on a static KV cache, per-row slots and sampling
+    slot_lora     SlotLoraModel: stacked per-slot LoRA weights, swaps as in-place copies
+    slots         SlotPool: the LRU of hotswap slots (pure Python)
+    host_cache    HostCache: prepared adapters in host memory, bounded by bytes (pure Python)
+    base_model    load the base model and tokenizer offline (SmolLM2, tiny, a local folder)
+    devices       `auto` device, dtype and compile settings made concrete
+
+Importing the package imports nothing: `Engine` is loaded on first use, so the pure modules
+(`slots`, `host_cache`) stay free of torch and are tested alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deployments.engine.engine import Engine
+
+__all__ = ["Engine"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Engine":
+        from deployments.engine.engine import Engine
+
+        return Engine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

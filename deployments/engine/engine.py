@@ -1,0 +1,253 @@
+"""The replica engine: one base model, N LoRA slots, an LRU over them, and batched generation.
+
+    engine = Engine(EngineConfig(base_model="tiny-random-llama", compile="off"))
+    engine.register_adapter("acme/pirate", "/path/to/peft/adapter")
+    print(engine.generate("Hello", adapter_id="acme/pirate", temperature=0).text)
+    engine.close()
+
+A facade over the pieces, each in its own module: the base model (`base_model`), the slot LoRA
+layers (`slot_lora`), adapter residency (`residency`: slot pool + host cache + versions), the loop
+thread that runs commands and batches (`scheduler`), and batched generation (`generation`).
+Per-request limits are checked here, at submit: a request valid alone is valid in any batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from deployments.contracts import ChatTurn, GenerationChunk, GenerationRequest, RoutingStats, SamplingParams
+from deployments.engine.base_model import BaseModelSpec, LoadedBaseModel, load_base_model
+from deployments.engine.devices import compile_enabled, resolve_device, resolve_dtype
+from deployments.engine.generation import BatchGenerator
+from deployments.engine.handles import RequestHandle
+from deployments.engine.residency import AdapterResidency, AdapterResolver
+from deployments.engine.scheduler import Scheduler
+from deployments.engine.slot_lora import SlotLoraModel
+from deployments.engine.slots import BASE_SLOT
+from lora_core.checkpoint import LoraCheckpoint
+from lora_core.errors import AdapterNotFoundError, EngineClosedError, InvalidRequestError
+from lora_core.geometry import normalize_model_name
+from lora_core.settings import EngineConfig
+
+__all__ = ["Engine", "chat_turns", "load_engine_base", "slot_model_for"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_engine_base(config: EngineConfig, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedBaseModel:
+    spec = BaseModelSpec(name=config.base_model, path=config.base_model_path, cache_dir=config.model_cache_dir)
+    return load_base_model(spec, device=device or resolve_device(config), dtype=dtype or resolve_dtype(config))
+
+
+def slot_model_for(base: LoadedBaseModel, config: EngineConfig, num_slots: int) -> SlotLoraModel:
+    """`base` with slot LoRA layers on `config`'s target modules (it modifies `base.model`)."""
+    configured_name = getattr(base.model.config, "_name_or_path", "") or base.name
+    return SlotLoraModel(
+        base.model,
+        config.target_modules,
+        num_slots,
+        config.max_rank,
+        base_model_names=frozenset({normalize_model_name(base.name), normalize_model_name(configured_name)}),
+        max_adapter_bytes=config.max_adapter_bytes,
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        resolver: AdapterResolver | None = None,
+        base: LoadedBaseModel | None = None,
+    ) -> None:
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.base = base if base is not None else load_engine_base(config)
+        self.tokenizer = self.base.tokenizer
+        self.slot_model = slot_model_for(self.base, config, config.num_slots)
+        self.generator = BatchGenerator(
+            self.base.model,
+            self.base.tokenizer,
+            self.slot_model.set_slot_ids,
+            max_batch_size=config.max_batch_size,
+            max_seq_len=config.max_seq_len,
+            compile_decode=compile_enabled(config),
+            compile_mode=config.compile_mode,
+        )
+        self.scheduler = Scheduler(self.generator, config.max_batch_size, config.batch_wait_ms)
+        self.residency = AdapterResidency(
+            self.slot_model, config.num_slots, config.host_cache_bytes, config.max_adapter_bytes,
+            loop=self.scheduler, resolver=resolver,
+        )
+        if compile_enabled(config):
+            started = time.perf_counter()
+            with torch.no_grad():
+                self.generator.warm_up()
+            logger.info("compiled decode for batch buckets %s in %.1f s", self.generator.buckets, time.perf_counter() - started)
+        self.scheduler.start(self.residency)
+
+    # ---- adapters (see `residency` for how they move between folder, host cache and slot) --------
+
+    def register_adapter(self, adapter_id: str, folder: str | Path) -> str:
+        """Validate a local PEFT adapter folder now and serve it as `adapter_id`; returns its version.
+
+        Registering an id again with new weights swaps them into its slot between batches."""
+        return self.residency.register_folder(adapter_id, folder)
+
+    def update_adapter(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str) -> None:
+        """A new version into the host cache and, between batches, into its slot if warm."""
+        self.residency.update(adapter_id, checkpoint, version)
+
+    def delete_adapter(self, adapter_id: str, missing_ok: bool = False) -> None:
+        self.residency.delete(adapter_id, missing_ok=missing_ok)
+
+    def warm(self, adapter_id: str, pin: bool = False) -> int:
+        return self.residency.warm(adapter_id, pin=pin)
+
+    def unpin(self, adapter_id: str) -> None:
+        self.residency.unpin(adapter_id)
+
+    def evict(self, adapter_id: str) -> None:
+        self.residency.evict(adapter_id)
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def encode(
+        self, prompt: str | None = None, messages: Sequence[ChatTurn | Mapping[str, str]] | None = None
+    ) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of prompt and messages")
+        if messages is not None:
+            turns = [{"role": turn.role, "content": turn.content} for turn in chat_turns(messages)]
+            return list(self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, return_dict=False))
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; errors it can be refused for (limits, unknown adapter) raise here."""
+        if self.scheduler.closed:
+            raise EngineClosedError("the engine is shut down")
+        ids = self._prompt_ids(request)
+        params = self._checked_params(request.params, len(ids))
+        adapter_id = request.adapter_id
+        if adapter_id is not None and not self.residency.has_resolver and not self.residency.knows(adapter_id):
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
+        handle = RequestHandle(adapter_id, ids, params)
+        self.scheduler.enqueue(handle)
+        return handle
+
+    def generate(self, prompt: str | None = None, adapter_id: str | None = None, *,
+                 messages: Sequence[ChatTurn | Mapping[str, str]] | None = None, **sampling) -> GenerationChunk:
+        """Run one request to the end; `sampling` are `SamplingParams` fields."""
+        return self.submit(_request(prompt, adapter_id, messages, sampling)).result()
+
+    async def agenerate(self, prompt: str | None = None, adapter_id: str | None = None, *,
+                        messages: Sequence[ChatTurn | Mapping[str, str]] | None = None, **sampling) -> GenerationChunk:
+        return await self.submit(_request(prompt, adapter_id, messages, sampling)).aresult()
+
+    def forward_logits(self, input_ids: torch.Tensor, adapter_ids: list[str | None]) -> torch.Tensor:
+        """Full-sequence logits with each row on its adapter (no padding, no cache): for checks."""
+        residency = self.residency
+        entries = {a: residency.host_entry(a) for a in set(adapter_ids) if a is not None}
+
+        def forward() -> torch.Tensor:
+            held = []
+            try:
+                slots = []
+                for adapter_id in adapter_ids:
+                    if adapter_id is None:
+                        slots.append(BASE_SLOT)
+                    else:
+                        slots.append(residency.acquire(adapter_id, entries[adapter_id]))
+                        held.append(adapter_id)
+                self.slot_model.set_slot_ids(torch.tensor(slots, device=self.slot_model.device))
+                with torch.no_grad():
+                    return self.base.model(input_ids=input_ids.to(self.slot_model.device)).logits.float().cpu()
+            finally:
+                for adapter_id in held:
+                    residency.release(adapter_id)
+
+        return self.scheduler.call(forward)
+
+    # ---- what it reports ------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        scheduler = self.scheduler
+        return {
+            "slots": self.residency.pool_snapshot().to_dict(),
+            "host_cache": vars(self.residency.host_cache.snapshot()),
+            "batches_run": scheduler.batches_run,
+            "rows_run": scheduler.rows_run,
+            "tokens_generated": scheduler.tokens_generated,
+            "queued": len(scheduler.pending()),
+        }
+
+    def routing_stats(self) -> RoutingStats:
+        """What a router needs to place the next request here (`routing_policy.ReplicaView`)."""
+        snapshot = self.residency.pool_snapshot()
+        pending = self.scheduler.pending()
+        waiting_for_load = [
+            h.adapter_id for h in pending if h.adapter_id is not None and not self.residency.is_cached(h.adapter_id)
+        ]
+        return RoutingStats(
+            warm=tuple(sorted(set(snapshot.warm) | set(waiting_for_load))),
+            free_slots=snapshot.free_slots,
+            evictable_slots=snapshot.evictable_slots,
+            next_victim=snapshot.next_victim,
+            queue_len=self.scheduler.queue_len,
+            pending_loads=len(waiting_for_load),
+            num_slots=snapshot.num_slots,
+        )
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.residency.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        forms = [form is not None for form in (request.prompt, request.messages, request.prompt_ids)]
+        if sum(forms) != 1:
+            raise InvalidRequestError("give exactly one of prompt, messages and prompt_ids")
+        if request.prompt_ids is not None:
+            ids = list(request.prompt_ids)
+        else:
+            ids = self.encode(request.prompt, request.messages)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        return ids
+
+    def _checked_params(self, params: SamplingParams, prompt_tokens: int) -> SamplingParams:
+        """`params` with `max_tokens` filled in (as many as the prompt leaves room for), or a 400."""
+        limit, context = self.config.max_new_tokens, self.config.max_seq_len
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=max(1, min(limit, context - prompt_tokens)))
+        if params.max_tokens > limit:
+            raise InvalidRequestError(f"max_tokens {params.max_tokens} is over the limit of {limit}")
+        if prompt_tokens + params.max_tokens > context:
+            raise InvalidRequestError(
+                f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"max_seq_len {context}"
+            )
+        return params
+
+
+def chat_turns(messages: Sequence[ChatTurn | Mapping[str, str]]) -> tuple[ChatTurn, ...]:
+    """Chat messages as `ChatTurn`s; Python callers may pass OpenAI-style {"role", "content"} dicts."""
+    return tuple(m if isinstance(m, ChatTurn) else ChatTurn(role=m["role"], content=m["content"]) for m in messages)
+
+
+def _request(prompt: str | None, adapter_id: str | None, messages, sampling: dict) -> GenerationRequest:
+    turns = None if messages is None else chat_turns(messages)
+    return GenerationRequest(adapter_id=adapter_id, params=SamplingParams(**sampling), prompt=prompt, messages=turns)

@@ -1,0 +1,176 @@
+"""Slot-indexed LoRA: every target Linear holds the weights of all slots, stacked, and each row of
+a batch picks its slot by index (the Punica / S-LoRA idea).
+
+Why not PEFT adapter names: on a `torch.compile`d model, PEFT's `set_adapter` and mixed
+`adapter_names` batches recompile for every new adapter name and every new mix. Here the slot
+index is a tensor input, so one graph serves every slot and every mix of slots, and a swap is an
+in-place copy into one slot's rows (PEFT's hotswap semantics, for N slots at once).
+
+Layout per target layer (scaling folded into B when an adapter is prepared):
+    lora_a: [slots, max_rank, in_features]
+    lora_b: [slots, max_rank, out_features]     (PEFT's lora_B transposed, times scaling)
+    delta(x_row) = (x_row @ lora_a[slot].T) @ lora_b[slot]
+Slot 0 is all zeros forever: the base model, PEFT's `disable_adapter`. A rank-r adapter fills
+rows [:r] of its slot; rows [r:] are zero, so smaller ranks are zero-padded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_core.checkpoint import LoraCheckpoint, validate_checkpoint
+from lora_core.geometry import SlotGeometry
+
+
+class SlotContext:
+    """The slot index of each batch row for the current forward, shared by every slot layer."""
+
+    def __init__(self) -> None:
+        self.slot_ids: torch.Tensor | None = None  # [batch] int64
+
+
+class SlotLoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, context: SlotContext, total_slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.register_buffer("lora_a", torch.zeros(total_slots, max_rank, base.in_features, **factory))
+        self.register_buffer("lora_b", torch.zeros(total_slots, max_rank, base.out_features, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slot_ids = self.context.slot_ids
+        lora_a = self.lora_a.index_select(0, slot_ids)  # [batch, max_rank, in_features]
+        lora_b = self.lora_b.index_select(0, slot_ids)  # [batch, max_rank, out_features]
+        return self.base(x) + torch.matmul(torch.matmul(x, lora_a.transpose(1, 2)), lora_b)
+
+
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter laid out for a slot: per slot layer, A [r, in] and scaled B^T [r, out], or rank 0.
+
+    Built once (host side, target dtype, pinned on CUDA) so that a swap is only copies.
+    """
+
+    ranks: tuple[int, ...]
+    lora_a: tuple[torch.Tensor | None, ...]
+    lora_b: tuple[torch.Tensor | None, ...]
+    size_bytes: int
+
+
+class SlotLoraModel:
+    """Injects `SlotLoraLinear` into a causal LM's target modules and swaps adapters into slots."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: tuple[str, ...],
+        num_slots: int,
+        max_rank: int,
+        base_model_names: frozenset[str] = frozenset(),
+        max_adapter_bytes: int | None = None,
+    ) -> None:
+        self.model = model
+        self.context = SlotContext()
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.layers: dict[str, SlotLoraLinear] = {}
+        if any(isinstance(module, SlotLoraLinear) for module in model.modules()):
+            raise ValueError("this model already has slot LoRA layers: give each engine a freshly loaded base model")
+        targets = set(target_modules)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                layer = SlotLoraLinear(module, self.context, num_slots + 1, max_rank)
+                model.set_submodule(name, layer)
+                self.layers[name] = layer
+        found = {name.rsplit(".", 1)[-1] for name in self.layers}
+        if missing := targets - found:
+            raise ValueError(f"target modules {sorted(missing)} are not Linear layers of the base model")
+        shapes = {name: (layer.base.in_features, layer.base.out_features) for name, layer in self.layers.items()}
+        geometry = {"max_rank": max_rank, "module_shapes": shapes, "base_model_names": base_model_names}
+        if max_adapter_bytes is not None:
+            geometry["max_size_bytes"] = max_adapter_bytes
+        self.geometry = SlotGeometry(**geometry)
+        self._slot_ranks: list[tuple[int, ...]] = [(0,) * len(self.layers) for _ in range(num_slots + 1)]
+        self._views: OrderedDict[tuple[int, tuple[int, ...]], tuple[list, list]] = OrderedDict()
+        sample = next(iter(self.layers.values())).lora_a
+        self.dtype, self.device = sample.dtype, sample.device
+
+    def prepare(self, checkpoint: LoraCheckpoint, check_values: bool = True) -> PreparedAdapter:
+        """Validate against the slot geometry, then lay the weights out for a swap."""
+        validate_checkpoint(checkpoint, self.geometry, check_values=check_values)
+        pin = self.device.type == "cuda"
+        ranks, lora_a, lora_b, size_bytes = [], [], [], 0
+        for name in self.layers:
+            weights = checkpoint.modules.get(name)
+            if weights is None:
+                ranks.append(0)
+                lora_a.append(None)
+                lora_b.append(None)
+                continue
+            a = weights.lora_a.to(dtype=self.dtype).contiguous()
+            b = (weights.lora_b.to(torch.float32) * weights.scaling).t().to(dtype=self.dtype).contiguous()
+            if pin:
+                a, b = a.pin_memory(), b.pin_memory()
+            ranks.append(weights.rank)
+            lora_a.append(a)
+            lora_b.append(b)
+            size_bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
+        return PreparedAdapter(tuple(ranks), tuple(lora_a), tuple(lora_b), size_bytes)
+
+    def write_slot(self, slot: int, adapter: PreparedAdapter) -> float:
+        """Copy a prepared adapter into a slot in place; returns the swap time in ms.
+
+        Rows beyond the new rank are zeroed only where the previous occupant used them.
+        """
+        self._check_slot(slot)
+        start = time.perf_counter()
+        destinations, tails = self._slot_views(slot, adapter.ranks)
+        sources = [t for pair in zip(adapter.lora_a, adapter.lora_b) for t in pair if t is not None]
+        with torch.no_grad():
+            torch._foreach_copy_(destinations, sources, non_blocking=True)
+            previous = self._slot_ranks[slot]
+            if any(old > new for old, new in zip(previous, adapter.ranks)):
+                torch._foreach_zero_(tails)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+        self._slot_ranks[slot] = adapter.ranks
+        return (time.perf_counter() - start) * 1000
+
+    def clear_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.lora_a[slot].zero_()
+                layer.lora_b[slot].zero_()
+        self._slot_ranks[slot] = (0,) * len(self.layers)
+
+    def set_slot_ids(self, slot_ids: torch.Tensor) -> None:
+        self.context.slot_ids = slot_ids
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.num_slots:
+            raise ValueError(f"slot {slot} is not an adapter slot (1..{self.num_slots}; slot 0 is the base model)")
+
+    def _slot_views(self, slot: int, ranks: tuple[int, ...]) -> tuple[list, list]:
+        """Destination views for a rank layout, and the zero-padding tails, cached per (slot, ranks)."""
+        key = (slot, ranks)
+        cached = self._views.get(key)
+        if cached is not None:
+            self._views.move_to_end(key)
+            return cached
+        destinations, tails = [], []
+        for layer, rank in zip(self.layers.values(), ranks):
+            if rank:
+                destinations += [layer.lora_a[slot, :rank], layer.lora_b[slot, :rank]]
+            if rank < self.max_rank:
+                tails += [layer.lora_a[slot, rank:], layer.lora_b[slot, rank:]]
+        self._views[key] = (destinations, tails)
+        if len(self._views) > 4 * (self.num_slots + 1) * self.max_rank:
+            self._views.popitem(last=False)
+        return destinations, tails

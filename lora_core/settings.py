@@ -1,0 +1,75 @@
+"""The settings models that cross process boundaries, validated where they enter.
+
+    EngineConfig    a replica engine: base model, slots, ranks, batching, limits (serve_config.yaml
+                    `args.replica`, which Serve hands each replica as its `user_config`)
+    StoreConfig     the adapter store actor (`args.replica.store`)
+    SourceInput     one watched source of adapters, as configured or registered
+
+Pure pydantic: no torch (turning `device: auto` into a device is the engine's business), so the
+ingress, the store and the CLI read these without importing the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lora_core.paths import default_store_root
+
+__all__ = ["EngineConfig", "SourceInput", "SourceOptions", "StoreConfig"]
+
+SourceOptions = dict[str, str | int | float | bool]
+
+
+class EngineConfig(BaseModel):
+    """The engine's settings; the replica's `user_config` carries them from serve_config.yaml."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_model: str = Field("smollm2-135m-instruct", description="a known base model name")
+    base_model_path: str | None = Field(None, description="a local transformers causal-LM folder; wins over base_model")
+    model_cache_dir: str | None = Field(None, description="where converted base models are cached")
+    num_slots: int = Field(8, ge=1, le=1024, description="adapter slots (slot 0, the base model, comes on top)")
+    max_rank: int = Field(16, ge=1, le=512, description="largest LoRA rank a slot holds; smaller ranks are padded")
+    target_modules: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1)
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the decode step; auto = on CUDA")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 on CPU, bf16 on CUDA")
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_seq_len: int = Field(512, ge=16, le=32768, description="prompt + generated tokens per row")
+    max_new_tokens: int = Field(256, ge=1)
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    host_cache_bytes: int = Field(1 << 30, ge=0)
+    max_adapter_bytes: int = Field(512 << 20, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class SourceInput(BaseModel):
+    """A source as configured or registered: the store's `SourceSpec` without its bookkeeping."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    adapter_id: Optional[str] = None
+    options: SourceOptions = Field(default_factory=dict)
+
+
+class StoreConfig(BaseModel):
+    """The adapter store's settings (serve_config.yaml: `args.replica.store`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field("lora-serve-adapter-store", min_length=1, description="the detached actor's name")
+    namespace: str = Field("lora-serve", min_length=1, description="the Ray namespace it lives in")
+    root: Optional[str] = Field(None, description="manifest + validated copies; default <repo>/.cache/adapter-store")
+    sources: list[SourceInput] = Field(default_factory=list, description="watched from the start")
+    sync_interval_s: float = Field(5.0, gt=0, le=86400, description="each source is listed this often")
+    max_backoff_s: float = Field(60.0, gt=0, description="longest wait before retrying an unreachable source")
+    fetch_workers: int = Field(4, ge=1, le=64, description="parallel downloads per sync")
+    show_progress: bool = Field(False, description="progress bars for downloads (a terminal: the CLI, a job)")
+
+    def resolved_root(self) -> Path:
+        return Path(self.root or default_store_root()).resolve()

@@ -1,0 +1,200 @@
+"""The AdapterStore actor on a real local Ray: detached and named (joined with get_if_exists),
+weights shared through the object store, long-poll change feed, restart without loss, and
+replicas that swap a new version into their warm slots between batches."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.common import wait_until
+from lora_core.checkpoint import read_checkpoint
+from lora_core.payload import checkpoint_from_payload
+from lora_core.settings import EngineConfig, SourceInput, StoreConfig
+from tests.support.adapters import make_peft_adapter
+from tests.support.ray_cluster import local_ray
+from tests.support.requests import request
+
+pytestmark = pytest.mark.integration
+
+ENGINE = EngineConfig(base_model="tiny-random-llama", compile="off", num_slots=2, max_batch_size=4,
+                      max_seq_len=64, max_new_tokens=8)
+
+
+def wait_for(predicate, what: str):
+    return wait_until(predicate, 30.0, what, interval_s=0.1)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    with local_ray(http_port=None):
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def templates(tmp_path_factory):
+    root = tmp_path_factory.mktemp("templates")
+    return {seed: make_peft_adapter(root / f"seed{seed}", seed=seed) for seed in (0, 1, 2)}
+
+
+class SourceRoot(type(Path())):
+    """The local source folder; `place(adapter_id, seed)` puts (or replaces) an adapter in it."""
+
+    templates: dict = {}
+
+    def place(self, adapter_id: str, seed: int) -> Path:
+        folder = self / adapter_id
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(self.templates[seed], folder)
+        return folder
+
+
+@pytest.fixture
+def source_root(tmp_path, templates):
+    SourceRoot.templates = templates
+    root = SourceRoot(tmp_path / "adapters")
+    root.place("acme/pirate", 0)
+    return root
+
+
+@pytest.fixture
+def store(ray_cluster, tmp_path, source_root):
+    from adapters_store.store import get_or_create_store
+
+    config = StoreConfig(name=f"store-{tmp_path.name}", root=str(tmp_path / "store"),
+                         sources=[SourceInput(uri=str(source_root))], sync_interval_s=0.5)
+    handle = get_or_create_store(config, ENGINE)
+    wait_for(lambda: ray_cluster.get(handle.status.remote())["serving"] == 1, what="the first sync")
+    yield handle
+    ray_cluster.kill(handle)
+
+
+def test_store_is_named_detached_and_joined(ray_cluster, store, tmp_path):
+    from adapters_store.store import get_or_create_store, get_store
+
+    config = StoreConfig(name=f"store-{tmp_path.name}", root=str(tmp_path / "store"))
+    assert get_or_create_store(config, ENGINE)._actor_id == store._actor_id
+    assert get_store(config)._actor_id == store._actor_id
+
+
+def test_locate_hands_out_the_validated_weights_through_the_object_store(ray_cluster, store, source_root):
+    version, [ref] = ray_cluster.get(store.locate.remote("acme/pirate"))
+    again, [same] = ray_cluster.get(store.locate.remote("acme/pirate"))
+    assert again == version and same == ref  # put once per version
+    checkpoint = checkpoint_from_payload(ray_cluster.get(ref))
+    expected = read_checkpoint(source_root / "acme" / "pirate")
+    assert checkpoint.sha256 == expected.sha256 and checkpoint.modules.keys() == expected.modules.keys()
+    for name, weights in expected.modules.items():
+        assert torch.equal(checkpoint.modules[name].lora_a, weights.lora_a)
+        assert torch.equal(checkpoint.modules[name].lora_b, weights.lora_b)
+    from lora_core.errors import AdapterNotFoundError
+
+    with pytest.raises(AdapterNotFoundError):
+        ray_cluster.get(store.locate.remote("acme/nobody"))
+
+
+def test_poll_resyncs_first_then_waits_for_changes(ray_cluster, store, source_root):
+    first = ray_cluster.get(store.poll.remote("r1", None, 0, {}, 1.0))
+    assert first.resync and set(first.serving) == {"acme/pirate"}
+    started = time.monotonic()
+    empty = ray_cluster.get(store.poll.remote("r1", first.epoch, first.seq, {}, 0.5))
+    assert not empty.resync and empty.changes == () and time.monotonic() - started >= 0.4
+
+    result = {}
+    poller = threading.Thread(target=lambda: result.update(
+        batch=ray_cluster.get(store.poll.remote("r1", first.epoch, first.seq, {"acme/pirate": "v"}, 20.0))))
+    poller.start()
+    source_root.place("acme/pirate", 1)
+    poller.join(timeout=30)
+    batch = result["batch"]
+    assert [c.adapter_id for c in batch.changes] == ["acme/pirate"]
+    assert batch.changes[0].version != first.serving["acme/pirate"]
+    assert ray_cluster.get(store.status.remote())["replicas"] == {"r1": ["acme/pirate"]}
+
+
+def test_a_killed_store_restarts_with_nothing_lost(ray_cluster, store, source_root, tmp_path):
+    ray_cluster.get(store.register.remote("globex/support", str(source_root / "acme" / "pirate")))
+    before = ray_cluster.get(store.list_adapters.remote())
+    epoch = ray_cluster.get(store.status.remote())["epoch"]
+    ray_cluster.kill(store, no_restart=False)
+    wait_for(lambda: (status := _status_or_none(ray_cluster, store)) and status["epoch"] != epoch,
+             what="the restarted store (a new epoch)")
+    after = ray_cluster.get(store.list_adapters.remote())
+    assert [(r["adapter_id"], r["serving"]) for r in after] == [(r["adapter_id"], r["serving"]) for r in before]
+    assert ray_cluster.get(store.locate.remote("globex/support"))[0] == after[0]["serving"]["version"]
+
+
+def _status_or_none(ray_cluster, store):
+    try:
+        return ray_cluster.get(store.status.remote(), timeout=5)
+    except Exception:
+        return None
+
+
+def test_bad_registrations_are_refused_and_change_nothing(ray_cluster, store, source_root, tmp_path):
+    from lora_core.errors import InvalidAdapterError, InvalidAdapterIdError
+
+    before = ray_cluster.get(store.list_adapters.remote())
+    bad = make_peft_adapter(tmp_path / "big", r=32)
+    with pytest.raises(InvalidAdapterIdError):
+        ray_cluster.get(store.register.remote("acme/../../etc", str(source_root / "acme" / "pirate")))
+    with pytest.raises(InvalidAdapterError) as refused:
+        ray_cluster.get(store.register.remote("acme/pirate", str(bad)))
+    assert refused.value.reason == "rank_too_large"
+    after = ray_cluster.get(store.list_adapters.remote())
+    assert [r["serving"] for r in after] == [r["serving"] for r in before]
+
+
+def test_replicas_swap_a_new_version_into_warm_slots(ray_cluster, store, source_root, tmp_path):
+    from ray import serve
+
+    from deployments.replica import LoraReplica
+
+    config = StoreConfig(name=f"store-{tmp_path.name}", root=str(tmp_path / "store"))
+    user_config = {**ENGINE.model_dump(mode="json"), "store": config.model_dump(mode="json")}
+    handle = serve.run(
+        LoraReplica.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}, user_config=user_config).bind(),
+        name="store-test", route_prefix=None,
+    )
+    try:
+        greedy = request("hello", "acme/pirate", max_tokens=4)
+        for _ in range(8):
+            handle.generate.remote(greedy).result()
+        warm_replicas = set(wait_for(lambda: ray_cluster.get(store.get.remote("acme/pirate"))["warm_on"],
+                                     what="replicas reporting the adapter warm"))
+        old = ray_cluster.get(store.get.remote("acme/pirate"))["serving"]["version"]
+        failures = []
+        stop = threading.Event()
+
+        def keep_asking():
+            while not stop.is_set():
+                try:
+                    handle.generate.remote(greedy).result()
+                except Exception as error:  # counted: an update must not fail a request
+                    failures.append(error)
+
+        client = threading.Thread(target=keep_asking)
+        client.start()
+        source_root.place("acme/pirate", 2)
+        new = wait_for(lambda: (v := ray_cluster.get(store.get.remote("acme/pirate"))["serving"]["version"]) != old and v,
+                       what="the new version")
+        record = wait_for(lambda: (r := ray_cluster.get(store.get.remote("acme/pirate")))["warm_on"] and
+                          all(_warm_version(ray_cluster, store, rid) == new for rid in r["warm_on"]) and r,
+                          what="every warm replica on the new version")
+        stop.set()
+        client.join(timeout=30)
+        assert failures == []
+        assert warm_replicas <= set(record["warm_on"])  # the client may warm the other replica meanwhile
+    finally:
+        serve.delete("store-test")
+
+
+def _warm_version(ray_cluster, store, replica_id):
+    return ray_cluster.get(store.replica_versions.remote(replica_id)).get("acme/pirate")

@@ -1,0 +1,282 @@
+"""The HTTP API end to end: a real local Ray, `serve.run(build_app(...))`, real HTTP with httpx and
+the openai SDK, the tiny model with two real PEFT adapters registered through the user_config."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from benchmarks.common import wait_until
+from tests.support.ray_cluster import local_ray
+
+pytestmark = pytest.mark.integration
+
+BASE_URL = "http://127.0.0.1:8000"
+BASE_MODEL = "tiny-random-llama"
+ADAPTERS = ("acme/pirate", "globex/poet")
+MAX_NEW_TOKENS = 24
+MAX_SEQ_LEN = 128
+
+
+def replica_settings(adapters: dict[str, str]) -> dict:
+    return {
+        "base_model": BASE_MODEL,
+        "compile": "off",
+        "num_slots": 2,
+        "max_batch_size": 4,
+        "max_seq_len": MAX_SEQ_LEN,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "adapters": adapters,
+    }
+
+
+def app_args(adapters: dict[str, str]) -> dict:
+    return {"num_replicas": 2, "replica_num_cpus": 1, "replica": replica_settings(adapters)}
+
+
+@pytest.fixture(scope="module")
+def adapter_folders(tmp_path_factory) -> dict[str, str]:
+    from tests.support.adapters import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    folders = {
+        adapter_id: str(make_peft_adapter(root / adapter_id.replace("/", "__"), seed=index, r=4 * (index + 1)))
+        for index, adapter_id in enumerate(ADAPTERS)
+    }
+    folders["shared/spare"] = str(make_peft_adapter(root / "spare", seed=7, r=16))
+    return folders
+
+
+@pytest.fixture(scope="module")
+def served(adapter_folders):
+    """A local Ray with the app running; always shut down, and no raylet left after."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    with local_ray():
+        started = time.perf_counter()
+        serve.run(build_app(app_args({a: adapter_folders[a] for a in ADAPTERS})), name="lora-serve", route_prefix="/")
+        print(f"app up in {time.perf_counter() - started:.1f} s")
+        yield build_app
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=BASE_URL, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def openai_client(served):
+    import openai
+
+    return openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def complete(http, **body) -> dict:
+    response = http.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0, **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of a server-sent event stream; `[DONE]` must come last."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(event) for event in events[:-1]]
+
+
+# ---- the happy paths -----------------------------------------------------------------------------
+
+
+def test_healthz(http):
+    response = http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "base_model": BASE_MODEL}
+
+
+def test_models_lists_the_base_model_and_every_adapter(http, openai_client):
+    body = http.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [card["id"] for card in body["data"]] == [BASE_MODEL, *sorted(ADAPTERS)]
+    assert body["data"][1]["owned_by"] == "acme" and body["data"][1]["parent"] == BASE_MODEL
+    assert [model.id for model in openai_client.models.list()] == [BASE_MODEL, *sorted(ADAPTERS)]
+
+
+def test_completion_has_openai_shape_and_usage(http):
+    body = complete(http, model="acme/pirate")
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["model"] == "acme/pirate" and isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == len("Once upon a time".encode())  # the tiny tokenizer: one token per byte
+    assert 1 <= usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_greedy_is_deterministic_and_each_adapter_changes_the_text(http):
+    texts = {model: complete(http, model=model, max_tokens=16)["choices"][0]["text"] for model in (BASE_MODEL, *ADAPTERS)}
+    assert texts == {model: complete(http, model=model, max_tokens=16)["choices"][0]["text"] for model in texts}
+    assert len(set(texts.values())) == 3, texts
+
+
+def test_openai_sdk_completions_and_chat(openai_client):
+    completion = openai_client.completions.create(model="globex/poet", prompt="Hello", max_tokens=8, temperature=0)
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+
+    chat = openai_client.chat.completions.create(
+        model="acme/pirate",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+        max_tokens=10,
+        temperature=0,
+        seed=3,
+        user="someone",  # fields the server does not use are ignored
+    )
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    assert chat.choices[0].message.role == "assistant"
+    assert isinstance(chat.choices[0].message.content, str)
+    assert 1 <= chat.usage.completion_tokens <= 10
+
+
+def test_chat_without_max_tokens_generates_up_to_the_limit(http):
+    body = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "Go on"}], "temperature": 0}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert usage["completion_tokens"] <= MAX_NEW_TOKENS
+    if response.json()["choices"][0]["finish_reason"] == "length":
+        assert usage["completion_tokens"] == MAX_NEW_TOKENS
+
+
+@pytest.mark.parametrize("model", [BASE_MODEL, "acme/pirate"])
+def test_streamed_completion_adds_up_to_the_plain_one(http, model):
+    plain = complete(http, model=model, max_tokens=16)
+    with http.stream(
+        "POST", "/v1/completions",
+        json={"model": model, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}},
+    ) as response:
+        assert response.status_code == 200
+        response.read()
+    chunks = sse_events(response)
+    assert all(chunk["object"] == "text_completion" and chunk["id"] == chunks[0]["id"] for chunk in chunks)
+    text_chunks = [chunk for chunk in chunks if chunk["choices"]]
+    assert len(text_chunks) > 1  # really streamed, not one blob
+    assert "".join(chunk["choices"][0]["text"] for chunk in text_chunks) == plain["choices"][0]["text"]
+    assert text_chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+def test_streamed_chat_with_the_openai_sdk_adds_up_to_the_plain_one(openai_client):
+    request = {"model": "globex/poet", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 16, "temperature": 0}
+    plain = openai_client.chat.completions.create(**request)
+    stream = openai_client.chat.completions.create(**request, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert streamed == plain.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+BAD_REQUESTS = [
+    # (name, path, body, status, error type)
+    ("unknown adapter", "/v1/completions", {"model": "acme/nope", "prompt": "hi"}, 404, "adapter_not_found"),
+    ("unknown adapter, chat", "/v1/chat/completions", {"model": "nobody/none", **CHAT}, 404, "adapter_not_found"),
+    ("unknown adapter, streamed", "/v1/completions", {"model": "acme/nope", "prompt": "hi", "stream": True}, 404, "adapter_not_found"),
+    ("no model", "/v1/completions", {"prompt": "hi"}, 422, "invalid_request_body"),
+    ("no messages", "/v1/chat/completions", {"model": BASE_MODEL}, 422, "invalid_request_body"),
+    ("bad role", "/v1/chat/completions", {"model": BASE_MODEL, "messages": [{"role": "robot", "content": "x"}]}, 422, "invalid_request_body"),
+    ("prompt not a string", "/v1/completions", {"model": BASE_MODEL, "prompt": 5}, 422, "invalid_request_body"),
+    ("n over 1", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "n": 2}, 422, "invalid_request_body"),
+    ("temperature out of range", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "temperature": 5}, 422, "invalid_request_body"),
+    ("nine stop strings", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "stop": list("abcdefghi")}, 422, "invalid_request_body"),
+    ("max_tokens over the limit", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "max_tokens": MAX_NEW_TOKENS + 1}, 400, "invalid_request"),
+    ("max_tokens over the limit, streamed", "/v1/chat/completions", {"model": "acme/pirate", **CHAT, "max_tokens": 10_000, "stream": True}, 400, "invalid_request"),
+    ("prompt too long", "/v1/completions", {"model": BASE_MODEL, "prompt": "x" * MAX_SEQ_LEN, "max_tokens": 4}, 400, "invalid_request"),
+    ("chat too long", "/v1/chat/completions", {"model": "acme/pirate", "messages": [{"role": "user", "content": "y" * MAX_SEQ_LEN}]}, 400, "invalid_request"),
+]
+
+
+@pytest.mark.parametrize("name, path, body, status, error_type", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_input_gets_its_status_and_a_json_error(http, name, path, body, status, error_type):
+    response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["type"] == error_type and error["message"]
+
+
+def test_a_body_that_is_not_json_is_422(http):
+    response = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_request_body"
+
+
+def test_openai_sdk_raises_typed_errors(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as caught:
+        openai_client.chat.completions.create(model="acme/nope", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.body["type"] == "adapter_not_found"
+    with pytest.raises(openai.BadRequestError):
+        openai_client.completions.create(model=BASE_MODEL, prompt="hi", max_tokens=MAX_NEW_TOKENS + 1)
+
+
+# ---- reconfigure ---------------------------------------------------------------------------------
+
+
+def replica_stats(rounds: int = 8) -> list[dict]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LoraReplica", app_name="lora-serve")
+    return [handle.stats.remote().result() for _ in range(rounds)]
+
+
+def test_a_deploy_that_changes_only_the_adapters_reconfigures_in_place(served, http, adapter_folders):
+    """`serve deploy` with a new user_config for LoraReplica: the same replica processes and
+    engines (no rebuild), the new adapter serves, the dropped one is 404. Runs last: it changes
+    the app. (What `serve deploy` sends, handed to the controller without the dashboard.)"""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    def deploy(adapters: dict[str, str]) -> None:
+        config = {
+            "http_options": {"host": "127.0.0.1", "port": 8000},
+            "applications": [
+                {
+                    "name": "lora-serve",
+                    "route_prefix": "/",
+                    "import_path": "deployments.app:build_app",
+                    "args": app_args({}),
+                    "deployments": [{"name": "LoraReplica", "user_config": replica_settings(adapters)}],
+                }
+            ],
+        }
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+    deploy({a: adapter_folders[a] for a in ADAPTERS})  # from `serve.run` to a config deploy: a restart
+    before = replica_stats()
+    assert all(s["engine_builds"] == 1 and s["adapters"] == sorted(ADAPTERS) for s in before)
+    assert all(s["torch_threads"] == 1 for s in before)  # num_cpus=1 per replica
+
+    deploy({"acme/pirate": adapter_folders["acme/pirate"], "shared/spare": adapter_folders["shared/spare"]})
+    after = wait_until(lambda: (stats := replica_stats()) and all(s["adapters"] == ["acme/pirate", "shared/spare"]
+                                                                  for s in stats) and stats,
+                       60, "every replica to take the new adapters", interval_s=0.5)
+    assert {s["replica_id"] for s in after} <= {s["replica_id"] for s in before}  # not restarted
+    assert all(s["engine_builds"] == 1 for s in after)  # not rebuilt
+    assert [card["id"] for card in http.get("/v1/models").json()["data"]] == [BASE_MODEL, "acme/pirate", "shared/spare"]
+    complete(http, model="shared/spare")
+    assert http.post("/v1/completions", json={"model": "globex/poet", "prompt": "hi"}).status_code == 404

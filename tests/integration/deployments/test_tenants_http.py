@@ -1,0 +1,176 @@
+"""Tenants, the admin API and overload, end to end: a real local Ray, the app with the demo keys
+and an adapter store on a local folder, real HTTP (httpx and the openai SDK)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+
+from benchmarks.common import wait_until
+from tests.integration.deployments.test_serve_http import BASE_URL
+from tests.support.ray_cluster import local_ray
+
+pytestmark = pytest.mark.integration
+
+BASE_MODEL = "tiny-random-llama"
+ACME, GLOBEX, ADMIN = ("Bearer sk-acme-demo", "Bearer sk-globex-demo", "Bearer sk-admin-demo")
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": key}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tests.support.adapters import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("tenants")
+    source = root / "source"
+    for seed, adapter_id in enumerate(("acme/pirate", "globex/poet", "shared/french")):
+        make_peft_adapter(source / adapter_id, seed=seed)
+    return {
+        "source": source,
+        "store": root / "store",
+        "extra": make_peft_adapter(root / "extra", seed=5, r=4),
+        "too_big": make_peft_adapter(root / "too_big", seed=6, r=32),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(folders):
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.tenants import demo_tenants_config
+
+    with local_ray():
+        args = {
+            "num_replicas": 2,
+            "replica_num_cpus": 0.5,
+            "max_ongoing_requests": 2,
+            "max_queued_requests": 2,
+            "tenants": demo_tenants_config().model_dump(mode="json"),
+            "replica": {
+                "base_model": BASE_MODEL, "compile": "off", "num_slots": 2, "max_batch_size": 2,
+                "max_seq_len": 128, "max_new_tokens": 64,
+                "store": {"name": "tenants-test-store", "root": str(folders["store"]), "sync_interval_s": 1.0,
+                          "sources": [{"uri": str(folders["source"])}]},
+            },
+        }
+        serve.run(build_app(args), name="lora-serve", route_prefix="/")
+        yield
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=BASE_URL, timeout=60) as client:
+        def synced() -> bool:  # the store's first sync
+            listed = client.get("/v1/models", headers=auth(ADMIN))
+            return listed.status_code == 200 and len(listed.json()["data"]) == 4
+
+        wait_until(synced, 60, "the store's first sync", interval_s=0.5)
+        yield client
+
+
+def complete(http, key: str, model: str, **extra) -> httpx.Response:
+    return http.post("/v1/completions", headers=auth(key), json={"model": model, "prompt": "hi", "max_tokens": 4, **extra})
+
+
+def model_ids(http, key: str) -> list[str]:
+    response = http.get("/v1/models", headers=auth(key))
+    assert response.status_code == 200, response.text
+    return [card["id"] for card in response.json()["data"]]
+
+
+@pytest.mark.parametrize("header", [None, "Bearer sk-wrong-key-123", "Basic c2stYWNtZS1kZW1v", "Bearer"])
+def test_no_or_bad_key_is_401_with_a_json_error(http, header):
+    headers = {"Authorization": header} if header is not None else {}
+    response = http.post("/v1/completions", headers=headers, json={"model": BASE_MODEL, "prompt": "hi"})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["type"] == "unauthorized"
+    assert "sk-wrong" not in response.text  # the key is never echoed
+
+
+def test_each_tenant_sees_its_own_and_the_shared_adapters(http):
+    assert model_ids(http, ACME) == [BASE_MODEL, "acme/pirate", "shared/french"]
+    assert model_ids(http, GLOBEX) == [BASE_MODEL, "globex/poet", "shared/french"]
+    assert model_ids(http, ADMIN) == [BASE_MODEL, "acme/pirate", "globex/poet", "shared/french"]
+
+
+def test_another_tenants_adapter_is_answered_as_not_found(http):
+    assert complete(http, ACME, "acme/pirate").status_code == 200
+    assert complete(http, ACME, "shared/french").status_code == 200
+    foreign = complete(http, ACME, "globex/poet")
+    unknown = complete(http, ACME, "acme/nobody")
+    assert foreign.status_code == unknown.status_code == 404
+    assert foreign.json()["error"]["type"] == unknown.json()["error"]["type"] == "adapter_not_found"
+    assert complete(http, GLOBEX, "globex/poet").status_code == 200
+
+
+def test_the_openai_sdk_uses_the_api_key(http):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key="sk-globex-demo", max_retries=0, timeout=60)
+    reply = client.completions.create(model="globex/poet", prompt="hi", max_tokens=4)
+    assert reply.usage.completion_tokens >= 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key="sk-not-a-key", max_retries=0).models.list()
+
+
+def test_the_admin_api_needs_the_admin_key(http):
+    assert http.get("/admin/adapters").status_code == 401
+    forbidden = http.get("/admin/adapters", headers=auth(ACME))
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["type"] == "forbidden"
+    listed = http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"]
+    assert [r["adapter_id"] for r in listed] == ["acme/pirate", "globex/poet", "shared/french"]
+    assert all(r["status"] == "ready" and r["serving"]["version"] for r in listed)
+    status = http.get("/admin/store", headers=auth(ADMIN)).json()
+    assert status["status"] == "ok" and status["serving"] == 3
+
+
+def test_admin_register_serves_at_once_and_bad_input_changes_nothing(http, folders):
+    before = http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"]
+    bad = http.post("/admin/adapters", headers=auth(ADMIN), json={"adapter_id": "acme/big", "uri": str(folders["too_big"])})
+    assert bad.status_code == 422 and bad.json()["error"]["reason"] == "rank_too_large"
+    trick = http.post("/admin/adapters", headers=auth(ADMIN), json={"adapter_id": "acme/../x", "uri": str(folders["extra"])})
+    assert trick.status_code == 400 and trick.json()["error"]["type"] == "invalid_adapter_id"
+    malformed = http.post("/admin/adapters", headers=auth(ADMIN), json={"uri": str(folders["extra"])})
+    assert malformed.status_code == 422
+    after = [r for r in http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"] if r["adapter_id"] != "acme/big"]
+    assert [(r["adapter_id"], r["serving"]) for r in after] == [(r["adapter_id"], r["serving"]) for r in before]
+
+    created = http.post("/admin/adapters", headers=auth(ADMIN), json={"adapter_id": "acme/extra", "uri": str(folders["extra"])})
+    assert created.status_code == 201, created.text
+    assert created.json()["status"] == "ready" and created.json()["serving"]["config"]["rank"] == 4
+    assert "acme/extra" in model_ids(http, ACME) and "acme/extra" not in model_ids(http, GLOBEX)
+    assert complete(http, ACME, "acme/extra").status_code == 200
+
+    deleted = http.delete("/admin/adapters/acme/extra", headers=auth(ADMIN))
+    assert deleted.status_code == 200 and deleted.json()["status"] == "deleted"
+    wait_until(lambda: complete(http, ACME, "acme/extra").status_code == 404, 10, "the delete to reach the replicas",
+               interval_s=0.2)
+    assert http.delete("/admin/adapters/acme/extra", headers=auth(ADMIN)).status_code == 404
+    assert http.post("/admin/sync", headers=auth(ADMIN)).json()["registered"] == []
+
+
+def test_warm_replicas_are_listed(http):
+    for _ in range(4):
+        assert complete(http, ACME, "acme/pirate").status_code == 200
+    wait_until(lambda: http.get("/admin/adapters/acme/pirate", headers=auth(ADMIN)).json()["warm_on"], 20,
+               "a replica to report acme/pirate warm", interval_s=0.5)
+
+
+def test_overload_is_503_with_retry_after(http):
+    def one(_):
+        return complete(http, ACME, "acme/pirate", max_tokens=64)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+        responses = list(pool.map(one, range(24)))
+    statuses = [r.status_code for r in responses]
+    assert 200 in statuses and 503 in statuses, statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.json()["error"]["type"] == "overloaded"
+    assert int(rejected.headers["retry-after"]) >= 1

@@ -1,0 +1,170 @@
+"""AdapterSyncer without Ray: real PEFT adapters in a local folder,
+validated against the tiny model's slot geometry; restarts read the manifest back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from adapters_store.registry import SourceSpec
+from lora_core.changes import AdapterChange
+from lora_core.errors import AdapterNotFoundError, InvalidAdapterError, InvalidAdapterIdError, SourceUnavailableError
+from lora_core.settings import SourceInput
+from tests.support.adapters import edit_adapter_config, make_peft_adapter
+from tests.support.fixtures import make_syncer
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def test_sync_registers_validates_and_reports_changes(tmp_path, geometry, place):
+    place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "src" / "shared" / "french", seed=1)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    report = syncer.sync()
+    assert sorted(report.registered) == ["acme/pirate", "shared/french"]
+    assert sorted(c.adapter_id for c in report.changes) == ["acme/pirate", "shared/french"]
+    record = syncer.record("acme/pirate")
+    assert record.status == "ready" and record.serving.config.rank == 8
+    assert record.serving.config.target_modules == ["q_proj", "v_proj"]
+    version, config, checkpoint = syncer.serving_checkpoint("acme/pirate")
+    assert version == record.serving.version and config["peft_type"] == "LORA"
+    assert checkpoint.sha256 == record.serving.sha256
+    assert syncer.sync().changes == []  # nothing changed: no download, no change
+    assert syncer.status()["status"] == "ok"
+
+def test_a_new_version_is_picked_up_and_a_bad_one_keeps_the_old_serving(tmp_path, geometry, place):
+    folder = place(tmp_path / "src" / "acme" / "pirate")
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    first = syncer.record("acme/pirate").serving
+    place(folder, seed=1)
+    report = syncer.sync()
+    second = syncer.record("acme/pirate").serving
+    assert report.changes == [AdapterChange("acme/pirate", second.version)] and second.version != first.version
+
+    tensors = load_file(folder / WEIGHTS)
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    save_file(tensors, folder / WEIGHTS)
+    report = syncer.sync()
+    record = syncer.record("acme/pirate")
+    assert report.changes == [] and "NaN" in report.rejected["acme/pirate"]
+    assert record.current.status == "rejected" and record.current.reason_code == "non_finite"
+    assert record.serving == second  # the previous good version keeps serving
+    assert syncer.serving_checkpoint("acme/pirate")[0] == second.version
+
+@pytest.mark.parametrize("breakage, reason", [
+    ("rank", "rank_too_large"),
+    ("target", "unknown_target_module"),
+    ("base_model", "base_model_mismatch"),
+    ("pickle", "pickle_file"),
+    ("no_config", "missing_file"),
+    ("corrupt", "corrupt_file"),
+])
+
+def test_bad_checkpoints_are_recorded_with_their_reason(tmp_path, geometry, place, breakage, reason):
+    folder = tmp_path / "src" / "acme" / "bad"
+    if breakage == "rank":
+        make_peft_adapter(folder, r=16)  # max_rank is 8
+    elif breakage == "target":
+        make_peft_adapter(folder, target_modules=["q_proj", "gate_proj"])
+    else:
+        place(folder)
+        if breakage == "base_model":
+            edit_adapter_config(folder, base_model_name_or_path="meta-llama/Llama-3.1-8B")
+        elif breakage == "pickle":
+            (folder / WEIGHTS).rename(folder / "adapter_model.bin")
+        elif breakage == "no_config":
+            (folder / "adapter_config.json").unlink()
+        elif breakage == "corrupt":
+            (folder / WEIGHTS).write_bytes(b"not safetensors at all")
+    place(tmp_path / "src" / "acme" / "good")
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    report = syncer.sync()
+    record = syncer.record("acme/bad")
+    assert record.status == "rejected" and record.current.reason_code == reason, record.current
+    assert "acme/bad" in report.rejected
+    assert syncer.record("acme/good").status == "ready"  # one bad adapter spoils nothing else
+    with pytest.raises(AdapterNotFoundError, match="no valid version"):
+        syncer.serving_checkpoint("acme/bad")
+
+def test_removed_adapters_are_deleted_and_bad_ids_skipped(tmp_path, geometry, place):
+    place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "src" / "acme" / "Bad..Name")
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    report = syncer.sync()
+    assert report.registered == ["acme/pirate"] and any("Bad..Name" in where for where in report.skipped)
+    shutil.rmtree(tmp_path / "src" / "acme" / "pirate")
+    report = syncer.sync()
+    assert report.deleted == ["acme/pirate"] and report.changes == [AdapterChange("acme/pirate", None)]
+    with pytest.raises(AdapterNotFoundError):
+        syncer.record("acme/pirate")
+    assert syncer.record("acme/pirate", include_deleted=True).deleted
+
+def test_admin_delete_is_not_undone_by_the_next_sync(tmp_path, geometry, place):
+    place(tmp_path / "src" / "acme" / "pirate")
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    assert syncer.delete("acme/pirate") == [AdapterChange("acme/pirate", None)]
+    assert syncer.sync().registered == []
+    with pytest.raises(AdapterNotFoundError):
+        syncer.record("acme/pirate")
+    with pytest.raises(AdapterNotFoundError):
+        syncer.delete("acme/nobody")
+    with pytest.raises(InvalidAdapterIdError):
+        syncer.delete("../etc")
+
+def test_a_restarted_syncer_loses_nothing(tmp_path, geometry, place):
+    place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "single", seed=1)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    syncer.register("globex/support", str(tmp_path / "single"))
+    before = syncer.registry.to_manifest()
+    again = make_syncer(tmp_path, geometry)  # no sources in config: they come from the manifest
+    assert again.registry.to_manifest() == before
+    assert {s.key for s in again.sources()} == {s.key for s in syncer.sources()}
+    assert again.serving_checkpoint("globex/support")[0] == before.records["globex/support"].serving.version
+    assert again.sync().changes == []
+
+def test_register_one_folder_and_refusals_change_nothing(tmp_path, geometry, place):
+    place(tmp_path / "single")
+    syncer = make_syncer(tmp_path, geometry)
+    record, _ = syncer.register("acme/support", str(tmp_path / "single"))
+    assert record.status == "ready"
+    manifest = syncer.manifest_path.read_bytes()
+    with pytest.raises(InvalidAdapterIdError):
+        syncer.register("acme/../x", str(tmp_path / "single"))
+    with pytest.raises(InvalidAdapterError, match="no adapter files"):
+        (tmp_path / "empty").mkdir()
+        syncer.register("acme/empty", str(tmp_path / "empty"))
+    with pytest.raises(SourceUnavailableError):
+        syncer.register("acme/missing", str(tmp_path / "missing"))
+    assert syncer.manifest_path.read_bytes() == manifest
+    assert [r.adapter_id for r in syncer.records()] == ["acme/support"]
+
+def test_a_corrupt_manifest_recovers_from_its_backup(tmp_path, geometry, place):
+    place(tmp_path / "src" / "acme" / "pirate")
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    place(tmp_path / "src" / "acme" / "parrot")
+    syncer.sync()  # a second save leaves the first (with acme/pirate) as the .bak
+    syncer.manifest_path.write_text("{ torn write")
+    again = make_syncer(tmp_path, geometry)
+    assert again.registry.get("acme/pirate").status == "ready"
+
+def test_source_options_are_checked_and_secrets_refused(tmp_path, geometry):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="credentials"):
+        SourceSpec.of(SourceInput(uri="s3://bucket/x", options={"aws_secret_access_key": "x"}))
+    syncer = make_syncer(tmp_path, geometry)
+    (tmp_path / "root").mkdir()
+    from lora_core.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="do not apply"):
+        syncer.add_source(SourceInput(uri=str(tmp_path / "root"), options={"endpoint_url": "http://x"}))
+    assert syncer.sources() == []
+    assert json.loads(syncer.manifest_path.read_text())["sources"] == []

@@ -1,0 +1,75 @@
+"""The OpenAI-compatible bodies: what they accept, refuse, and hand the replica."""
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.contracts import ChatTurn, GenerationRequest, SamplingParams
+from deployments.schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
+
+VALID = {"model": "acme/pirate", "prompt": "hi"}
+
+
+def test_extra_openai_fields_are_ignored_and_defaults_follow_openai():
+    request = CompletionRequest.model_validate({**VALID, "user": "u1", "logprobs": None, "presence_penalty": 0})
+    assert request.max_tokens == 16 and request.temperature == 1.0 and request.n == 1 and not request.stream
+    assert request.to_generation_request("acme/pirate") == GenerationRequest(
+        "acme/pirate", SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0, seed=None, stop=()), prompt="hi"
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model": ""},
+        {"prompt": ""},
+        {"prompt": ["a", "b"]},
+        {"n": 2},
+        {"max_tokens": 0},
+        {"temperature": -0.1},
+        {"temperature": 2.5},
+        {"top_p": 0},
+        {"seed": -1},
+        {"stop": [""]},
+        {"stop": [str(i) for i in range(9)]},
+    ],
+)
+def test_out_of_bounds_fields_are_refused(changes):
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({**VALID, **changes})
+
+
+@pytest.mark.parametrize("stop, expected", [(None, []), ("\n", ["\n"]), (["a", "b"], ["a", "b"])])
+def test_stop_is_always_a_list(stop, expected):
+    assert CompletionRequest.model_validate({**VALID, "stop": stop}).stop == expected
+
+
+def test_chat_messages_become_template_messages():
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "developer", "content": "be brief", "name": "x"},
+                {"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]},
+            ],
+            "max_tokens": 5,
+            "max_completion_tokens": 7,
+        }
+    )
+    generation_request = request.to_generation_request(None)
+    assert generation_request.messages == (ChatTurn("system", "be brief"), ChatTurn("user", "hello"))
+    assert generation_request.params.max_tokens == 7 and generation_request.adapter_id is None
+    assert generation_request.prompt is None and generation_request.prompt_ids is None
+    bare = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert bare.to_generation_request(None).params.max_tokens is None
+
+
+@pytest.mark.parametrize("body", [{"model": "m", "messages": []}, {"model": "m", "messages": [{"role": "tool", "content": "x"}]}])
+def test_bad_chat_bodies_are_refused(body):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_model_list_puts_the_base_model_first():
+    listing = ModelList.of("base", ["globex/b", "acme/a"])
+    assert [card.id for card in listing.data] == ["base", "acme/a", "globex/b"]
+    assert [card.owned_by for card in listing.data] == ["lora-serve", "acme", "globex"]

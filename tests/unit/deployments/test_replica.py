@@ -1,0 +1,88 @@
+"""LoraReplica without a Ray cluster: the class behind the deployment, called in process."""
+
+import asyncio
+
+import pytest
+
+from deployments.replica import LoraReplica
+from lora_core.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
+from tests.support.leaks import no_new_threads
+from tests.support.requests import request
+
+
+def settings(adapters: dict, **changes) -> dict:
+    base = {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 2, "max_batch_size": 2,
+            "max_seq_len": 64, "max_new_tokens": 16, "torch_threads": 2, "adapters": adapters}
+    return {**base, **changes}
+
+
+@pytest.fixture
+def folders(adapter_factory):
+    return {f"acme/a{i}": str(adapter_factory(f"a{i}", seed=i)) for i in range(3)}
+
+
+@pytest.fixture
+def replica():
+    """The deployment's class, made in process; its engine's threads must be gone after `__del__`."""
+    with no_new_threads():
+        made = LoraReplica.func_or_class()
+        yield made
+        made.__del__()
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def collect(replica, request):
+    return [chunk async for chunk in replica.stream(request)]
+
+
+def test_a_change_of_adapters_only_keeps_the_engine(replica, folders):
+    replica.reconfigure(settings({"acme/a0": folders["acme/a0"], "acme/a1": folders["acme/a1"]}))
+    engine = replica._engine
+    replica.reconfigure(settings({"acme/a1": folders["acme/a1"], "acme/a2": folders["acme/a2"]}))
+    assert replica._engine is engine and replica.engine_builds == 1
+    assert replica.list_adapters()["adapters"] == ["acme/a1", "acme/a2"]
+    with pytest.raises(AdapterNotFoundError):
+        run(replica.generate(request("hi", "acme/a0", max_tokens=2)))
+    assert run(replica.generate(request("hi", "acme/a2", max_tokens=2))).completion_tokens >= 1
+
+
+def test_a_change_of_engine_settings_rebuilds_with_the_adapters(replica, folders):
+    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}))
+    old = replica._engine
+    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}, num_slots=3))
+    assert replica._engine is not old and replica.engine_builds == 2
+    assert replica._engine.config.num_slots == 3
+    assert run(replica.generate(request("hi", "acme/a0", max_tokens=2))).text is not None
+
+
+def test_a_refused_adapter_leaves_the_registered_ones(replica, folders, tmp_path):
+    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}))
+    with pytest.raises(InvalidAdapterError):
+        replica.reconfigure(settings({"acme/a0": folders["acme/a0"], "acme/bad": str(tmp_path)}))
+    assert replica.list_adapters()["adapters"] == ["acme/a0"]
+    with pytest.raises(InvalidAdapterError):  # a first configure that fails builds nothing
+        LoraReplica.func_or_class().reconfigure(settings({"acme/bad": str(tmp_path)}))
+
+
+def test_stream_adds_up_to_generate_and_limits_raise_before_the_first_chunk(replica, folders):
+    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}))
+    greedy = request("hello", "acme/a0", max_tokens=8)
+    whole = run(replica.generate(greedy))
+    chunks = run(collect(replica, greedy))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert chunks[-1].finish_reason == whole.finish_reason
+    assert chunks[-1].completion_tokens == whole.completion_tokens and chunks[-1].prompt_tokens == 5
+    with pytest.raises(InvalidRequestError):
+        run(collect(replica, request("hello", "acme/a0", max_tokens=17)))
+
+
+def test_chat_without_max_tokens_fills_what_the_prompt_leaves(replica):
+    replica.reconfigure(settings({}, max_seq_len=40, max_new_tokens=30))
+    messages = [{"role": "user", "content": "x" * 10}]
+    prompt_tokens = len(replica._engine.encode(messages=messages))
+    result = run(replica.generate(request(messages=messages)))  # no max_tokens
+    assert result.prompt_tokens == prompt_tokens
+    assert result.completion_tokens <= 40 - prompt_tokens
