@@ -98,8 +98,8 @@ def _version_folder_name(version: str) -> str:
 
 
 class AdapterSyncer:
-    """Thread-safe: one lock serialises syncs, registrations and deletes, and guards every read
-    of the registry; callers (the store actor) use these methods, never `registry` itself."""
+    """Thread-safe: one lock serialises syncs, registrations and deletes; reads take the registry's
+    lock. Callers (the store actor) use these methods, never `registry` itself."""
 
     def __init__(
         self,
@@ -136,25 +136,27 @@ class AdapterSyncer:
         with self._lock:
             return list(self._specs.values())
 
+    # Reads go through the registry's own lock, not the syncer's: each is a consistent copy, and
+    # none waits for a sync in progress (one that downloads can hold the syncer's lock for seconds).
+
     def records(self, tenant: Optional[str] = None, include_deleted: bool = False) -> list[AdapterRecord]:
-        """The registry's records (see `Registry.list`), read under the syncer's lock."""
-        with self._lock:
-            return self.registry.list(tenant=tenant, include_deleted=include_deleted)
+        """The registry's records (see `Registry.list`)."""
+        return self.registry.list(tenant=tenant, include_deleted=include_deleted)
 
     def record(self, adapter_id: str, tenant: Optional[str] = None, include_deleted: bool = False) -> AdapterRecord:
         """One record (see `Registry.get`: AdapterNotFoundError when unknown or not visible)."""
-        with self._lock:
-            return self.registry.get(adapter_id, tenant=tenant, include_deleted=include_deleted)
+        return self.registry.get(adapter_id, tenant=tenant, include_deleted=include_deleted)
 
     def adapter_count(self) -> int:
-        with self._lock:
-            return len(self.registry)
+        return len(self.registry)
 
     def serving_version(self, adapter_id: str) -> Optional[str]:
         """The serving version of one adapter, or None (unknown, deleted or nothing valid)."""
-        with self._lock:
-            record = self.registry.get(adapter_id, include_deleted=True) if adapter_id in self.registry else None
-        return record.serving.version if record is not None and record.serving is not None else None
+        try:
+            record = self.registry.get(adapter_id, include_deleted=True)
+        except AdapterNotFoundError:
+            return None
+        return record.serving.version if record.serving is not None else None
 
     def serving_versions(self) -> dict[str, str]:
         with self._lock:
