@@ -268,11 +268,12 @@ def app_name(phase: str) -> str:
 def all_replica_stats(phase: str, replicas: int, rounds: int = 30) -> dict[str, dict]:
     """replica id -> `LoraReplica.stats()`: concurrent calls through a handle until every replica
     answered (a router sends concurrent calls to different replicas; sequential ones on an idle
-    deployment may all land on one)."""
+    deployment may all land on one, and so may a few concurrent ones that each finish before the
+    next is routed: 8 per replica per round overlap enough)."""
     handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=app_name(phase))
     found: dict[str, dict] = {}
     for _ in range(rounds):
-        for response in [handle.stats.remote() for _ in range(2 * replicas)]:
+        for response in [handle.stats.remote() for _ in range(8 * replicas)]:
             stats = response.result(timeout_s=120)
             found[stats["replica_id"]] = stats
         if len(found) >= replicas:
