@@ -383,7 +383,7 @@ def store_bench_engine(model: str):
     from lora_core.settings import EngineConfig
 
     engine_config = EngineConfig(
-        base_model=engine_model_name(model), compile="off", num_slots=4, max_batch_size=8,
+        base_model=engine_model_name(model), compile="off", num_slots=4, max_num_seqs=8,
         max_seq_len=128, max_new_tokens=16, device="cpu",
     )
     started = time.perf_counter()

@@ -2,29 +2,29 @@
 
     python -m benchmarks.mixed_batch [--quick] [--device cpu|cuda] [--model smollm2|llama-1b|tiny]
 
-Three paths, same run, same prompts (8 different lengths, left-padded), greedy, N new tokens each:
+Three paths, same run, same prompts (8 different lengths), greedy, N new tokens each:
 
-  mixed       the engine's data path: `SlotLoraModel` (8 slots, max_rank 16, q,k,v,o, all 8
-              warm with adapters of ranks 4-16) + `BatchGenerator` (static KV cache, decode step
-              compiled per `--compile`, max_batch_size 8). Each repetition assigns the adapters
-              to rows in a new order, so every repetition is a new mix of slots.
-  base        the same `BatchGenerator` loop on a copy of the base model without LoRA layers
-              (`set_slot_ids` is a no-op), compiled the same way.
+  mixed       the engine itself (`deployments.engine.Engine`: 8 slots, max_rank 16, q,k,v,o, all
+              8 warm with adapters of ranks 4-16, continuous batching, decode compiled per
+              `--compile`), the 8 requests submitted together. Each repetition assigns the
+              adapters to rows in a new order, so every repetition is a new mix of slots.
+  base        the same engine on a copy of the base model, every request on the base model (its
+              slot layers skip the LoRA delta when no row has an adapter), compiled the same way.
   peft_mixed  an eager `PeftModel` with the same 8 adapters loaded under 8 names,
               `generate(input_ids, attention_mask, adapter_names=[...], max_new_tokens=N,
               do_sample=False)`. Eager because compiled it recompiles for every new mix.
 
-Every row runs exactly N steps: eos is ignored on all three paths (the generator rows
-set `ignore_eos`, and the PEFT copy's generation config has no eos token), so the paths do
-the same work and their greedy texts can be compared (`rows_equal_to_peft`: fp32 should give 8).
+Every row runs exactly N steps: eos is ignored on all three paths (the engine's requests set
+`ignore_eos`, and the PEFT copy's generation config has no eos token), so the paths do the same
+work and their greedy texts can be compared (`rows_equal_to_peft`: fp32 should give 8).
 
 Tokens/s = generated tokens / wall time of the whole batch (prefill included), median over
 `--reps` timed repetitions after one warm-up each; the paths alternate within a repetition so
 load from other processes spreads over all three. Recompiles: graphs dynamo compiled after
 warm-up (`counters["stats"]["unique_graphs"]`).
 
-`--compile auto` (default) = on, except `--quick` on CPU, where two cold decode-graph compiles
-(30-170 s each on 2 cores) alone would break the 2-minute budget; the JSON says which was used.
+`--compile auto` (default) = the engine's own rule (`compile: auto`: on with CUDA, off on CPU,
+where the compiled decode step measured slower than eager); the JSON says which was used.
 """
 
 from __future__ import annotations
@@ -64,64 +64,55 @@ def main(argv: list[str] | None = None) -> dict:
     device = info.device
     tokens = args.tokens or (16 if args.quick else 64)
     reps = args.reps or (4 if args.quick else 5)
-    compile_on = args.compile == "on" or (args.compile == "auto" and not (args.quick and device == "cpu"))
-
-    from deployments.contracts import SamplingParams
-    from deployments.engine.generation import BatchGenerator, GenerationRow
-    from deployments.engine.slot_lora import SlotLoraModel
+    from deployments.contracts import GenerationRequest, SamplingParams
+    from deployments.engine import Engine
+    from deployments.engine.base_model import LoadedBaseModel
     from lora_core.checkpoint import checkpoint_from_state_dict
+    from lora_core.settings import EngineConfig
 
     base = common.load_base(args.model, device, info.dtype)
     log(f"loaded {base.name} in {time.perf_counter() - started:.1f} s")
     tokenizer = base.tokenizer
-    plain_model = common.clone_model(base.model)
+    plain = LoadedBaseModel(common.clone_model(base.model), tokenizer, base.name, base.dtype, base.device)
     peft_source = None if args.skip_peft else common.clone_model(base.model)
     shapes = common.target_shapes(base.model)
     ranks = common.mixed_ranks(BATCH, args.seed)
     adapters = [common.make_adapter(shapes, rank, seed=args.seed * 1000 + i) for i, rank in enumerate(ranks)]
 
-    slot_model = SlotLoraModel(base.model, common.TARGET_MODULES, BATCH, common.MAX_RANK)
-    for slot, adapter in enumerate(adapters, start=1):  # adapter i lives in slot i + 1
-        slot_model.write_slot(slot, slot_model.prepare(checkpoint_from_state_dict(adapter.config, adapter.state_dict)))
-
     prompt_ids = [tokenizer.encode(text, add_special_tokens=False) for text in PROMPTS]
     longest = max(len(ids) for ids in prompt_ids)
     max_seq_len = -(-(longest + tokens + 1) // 32) * 32
-    generators = {}
-    for name, model, set_slot_ids in (
-        ("mixed", base.model, slot_model.set_slot_ids),
-        ("base", plain_model, lambda slot_ids: None),
-    ):
-        generator = BatchGenerator(
-            model, tokenizer, set_slot_ids, max_batch_size=BATCH, max_seq_len=max_seq_len,
-            compile_decode=compile_on, compile_mode=args.compile_mode,
-        )
-        generators[name] = generator
+    settings = EngineConfig(
+        num_slots=BATCH, max_rank=common.MAX_RANK, target_modules=common.TARGET_MODULES, max_num_seqs=BATCH,
+        max_seq_len=max_seq_len, max_new_tokens=tokens, compile=args.compile, compile_mode=args.compile_mode,
+        device=device, batch_wait_ms=5, torch_threads=torch.get_num_threads(),
+    )
+    engines = {"mixed": Engine(settings, base=base), "base": Engine(settings, base=plain)}
+    compile_on = engines["mixed"].runner.compiled
+    for index, adapter in enumerate(adapters):
+        checkpoint = checkpoint_from_state_dict(adapter.config, adapter.state_dict)
+        engines["mixed"].update_adapter(f"bench/a{index}", checkpoint, checkpoint.version)
     log(
         f"{BATCH} rows, prompts {min(map(len, prompt_ids))}-{longest} tokens, {tokens} new tokens each, "
         f"max_seq_len {max_seq_len}, adapter ranks {ranks}, compile={'on' if compile_on else 'off'}"
     )
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
-    def run_generator(name: str, order: list[int]) -> tuple[float, int, list[str]]:
-        texts = [[] for _ in range(BATCH)]
-        rows = [
-            GenerationRow(
-                prompt_ids=prompt_ids[row],
-                params=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
-                slot=(order[row] + 1) if name == "mixed" else 0,
-                emit=lambda text, _token, row=row: texts[row].append(text),
-                finish=lambda *_: None,
-            )
-            for row in range(BATCH)
-        ]
+    def run_engine(name: str, order: list[int]) -> tuple[float, int, list[str]]:
+        engine = engines[name]
         synchronize(device)
         t0 = time.perf_counter()
-        generators[name].run(rows)
+        handles = [
+            engine.submit(GenerationRequest(f"bench/a{order[row]}" if name == "mixed" else None, params,
+                                            prompt_ids=tuple(prompt_ids[row])))
+            for row in range(BATCH)
+        ]
+        results = [handle.result() for handle in handles]
         synchronize(device)
-        return time.perf_counter() - t0, sum(row.generated for row in rows), ["".join(t) for t in texts]
+        return time.perf_counter() - t0, sum(r.completion_tokens for r in results), [r.text for r in results]
 
     peft = PeftPath(peft_source, adapters, tokenizer, prompt_ids, tokens, device) if peft_source is not None else None
-    paths = {"mixed": lambda order: run_generator("mixed", order), "base": lambda order: run_generator("base", order)}
+    paths = {"mixed": lambda order: run_engine("mixed", order), "base": lambda order: run_engine("base", order)}
     if peft is not None:
         paths["peft_mixed"] = peft.run
 
@@ -150,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         if "peft_mixed" in outputs:
             texts_equal.append(sum(a == b for a, b in zip(outputs["mixed"], outputs["peft_mixed"])))
     recompiles = common.graphs_compiled() - graphs_before
+    for engine in engines.values():
+        engine.close()
 
     mixed, plain = median(rates["mixed"]), median(rates["base"])
     peft_rate = median(rates["peft_mixed"]) if peft is not None else None
@@ -157,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "compile": "on" if compile_on else "off",
         "compile_mode": args.compile_mode,
         "compile_decided_by": args.compile,
+        "engine": "continuous batching",
         "batch_rows": BATCH,
         "distinct_adapters": BATCH,
         "adapter_ranks": ranks,
@@ -191,7 +185,7 @@ class PeftPath:
         from peft import get_peft_model, set_peft_model_state_dict
 
         self.tokens, self.tokenizer = tokens, tokenizer
-        # No eos on this copy: like the generator rows with `ignore_eos`, every row runs `tokens`.
+        # No eos on this copy: like the engine's requests with `ignore_eos`, every row runs `tokens`.
         model.generation_config.eos_token_id = None
         self.model = None
         for index, adapter in enumerate(adapters):

@@ -27,7 +27,7 @@ Where the time goes, per update (in the JSON as `breakdown`: p50 and max over th
                into the object store first; seen through `status()["seq"]`, every 50 ms).
   apply_s      -> the last replica reports the new version in its slot: the long poll returns,
                locate + object-store get + prepare (validation), the swap waiting for the batch
-               in flight (`replica_stats.mean_batch_s` says how long one takes), the copy, and the
+               in flight (`replica_stats.mean_step_s` says how long one takes), the copy, and the
                next poll carrying the report back.
   replicas_s   publish_s + apply_s.
 Goal: propagation max <= sync interval + 0.5 s, and 0 failed requests.
@@ -307,13 +307,13 @@ def summarize(measured, args, failures, served_total, served_during, latencies, 
     by_replica: dict[str, dict] = {}
     for replica_id, after in stats_after.items():
         before = stats_before.get(replica_id)
-        batches = after["batches_run"] - before["batches_run"] if before else None
+        steps = after["steps_run"] - before["steps_run"] if before else None
         by_replica[replica_id] = {
-            "batches_under_load": batches,
+            "steps_under_load": steps,
             "rows_under_load": after["rows_run"] - before["rows_run"] if before else None,
-            # the replica is busy all along, so this is about how long one batch takes, i.e. how
-            # long a swap can wait for the batch in flight
-            "mean_batch_s": rounded(window_s / batches) if batches else None,
+            # the replica is busy all along, so this is about how long one decode step takes, i.e.
+            # how long a new version can wait before the next request admitted takes it
+            "mean_step_s": rounded(window_s / steps) if steps else None,
             "swaps": after["slots"]["swaps"],
             "swap_ms_p50": rounded(after["slots"]["swap_ms_p50"]),
             "swap_ms_p99": rounded(after["slots"]["swap_ms_p99"]),

@@ -18,7 +18,7 @@ store fetched every adapter from S3 once, before the phases).
 Workload, identical in every phase (one seed): Poisson arrivals at `--rate` requests/s, each for
 an adapter drawn from Zipf(1.0) over the adapters (`routing_sim.SimConfig.popularity`) and one of a
 few short prompts, greedy, `--max-tokens`. Default rate: `--utilization` (0.5) x the capacity the
-first phase measures before its warm-up (a burst of replicas x max_batch_size base-model requests:
+first phase measures before its warm-up (a burst of replicas x max_num_seqs base-model requests:
 full batches, no slot limits), so the replicas are busy but a good placement leaves headroom; the
 machine's other load moves that capacity, so it is measured, not fixed. Latency runs from the
 request's scheduled arrival to its response (open loop: a late send counts against the system).
@@ -352,7 +352,7 @@ def run_phase(phase: str, app_args: dict, url: str, workload: Callable[[str], li
         result["warmup_failed"] = sum(1 for o in warm if o.status != 200)
         result["load_avg_1m"] = [load_avg_start, load_average_1m()]
         log(f"[{phase}] hit rate {result['hit_rate']}, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
-            f"{result['tokens_per_s']} tokens/s, {result['rows_per_batch']} rows/batch, {result['failed']} failed")
+            f"{result['tokens_per_s']} tokens/s, {result['rows_per_step']} rows/step, {result['failed']} failed")
         return result
     finally:
         serve.delete(app_name(phase))
@@ -366,7 +366,7 @@ def summarize_phase(phase: str, outcomes: list[Outcome], before: dict, after: di
     def delta(*path: str) -> int:
         return _summed(after, path) - _summed(before, path)
 
-    rows, batches, fills = delta("rows_run"), delta("batches_run"), delta("slots", "misses")
+    rows, steps, fills = delta("rows_run"), delta("steps_run"), delta("slots", "misses")
     acquires = fills + delta("slots", "hits")  # = rows, unless warms (ray_default_warm) acquired too
     engine_warm = {rid: set(s["slots"]["warm"]) for rid, s in after.items()}
     failures: dict[str, int] = {}
@@ -386,7 +386,7 @@ def summarize_phase(phase: str, outcomes: list[Outcome], before: dict, after: di
         "slot_fills": fills,
         "rows_run": rows,
         "slot_acquires": acquires,
-        "rows_per_batch": rounded(rows / batches, 2) if batches else None,
+        "rows_per_step": rounded(delta("tokens_generated") / steps, 2) if steps else None,
         "rows_per_replica": {rid[-8:]: s["rows_run"] - before.get(rid, {}).get("rows_run", 0) for rid, s in after.items()},
         "swap_ms_p50": rounded(percentile([v for s in after.values() if (v := s["slots"]["swap_ms_p50"])], 50)),
         "p50_ms": rounded(percentile(latencies, 50), 1),
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=8, help="per request")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--slots", type=int, default=4, help="adapter slots per replica")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--phases", default="affinity,ray_default", help=f"comma-separated, from {PHASES}")
     p.add_argument("--port", type=int, default=0, help="Serve's HTTP port (default: a free one)")
     p.add_argument("--request-timeout", type=float, default=120.0)
@@ -483,7 +483,7 @@ def end_to_end(args, engine_model: str, phases: list[str]) -> dict:
 
     engine_config = EngineConfig(
         base_model=engine_model, compile="off", device="cpu", num_slots=args.slots,
-        max_batch_size=args.max_batch_size, max_seq_len=128, max_new_tokens=max(32, args.max_tokens),
+        max_num_seqs=args.max_num_seqs, max_seq_len=128, max_new_tokens=max(32, args.max_tokens),
     )
     t0 = time.perf_counter()
     shapes = dict(slot_geometry(engine_config).module_shapes)
@@ -501,7 +501,7 @@ def end_to_end(args, engine_model: str, phases: list[str]) -> dict:
         """The first phase measures the capacity (unless --rate); every phase gets the same list."""
         if not arrivals:
             if args.rate is None:
-                burst = args.replicas * args.max_batch_size
+                burst = args.replicas * args.max_num_seqs
                 args.capacity_rps = base_capacity_rps(url, engine_model, burst, args.max_tokens, args.request_timeout)
                 args.rate = args.utilization * args.capacity_rps
                 log(f"capacity {args.capacity_rps:.2f} requests/s (base model, {burst} at once): rate {args.rate:.2f}/s")
@@ -555,12 +555,12 @@ def e2e_results(args, phases: dict[str, dict], requests: int) -> dict:
         "e2e_adapters": args.adapters,
         "e2e_replicas": args.replicas,
         "e2e_slots_per_replica": args.slots,
-        "e2e_max_batch_size": args.max_batch_size,
+        "e2e_max_num_seqs": args.max_num_seqs,
         "e2e_max_tokens": args.max_tokens,
         "e2e_transport": "http",
     }
     for phase, result in phases.items():
-        for key in ("hit_rate", "p50_ms", "p99_ms", "tokens_per_s", "requests_per_s", "rows_per_batch", "failed",
+        for key in ("hit_rate", "p50_ms", "p99_ms", "tokens_per_s", "requests_per_s", "rows_per_step", "failed",
                     "slot_fills", "swap_ms_p50", "router_view_matches_engine", "load_avg_1m"):
             out[f"e2e_{key}_{phase}"] = result[key]
     out["e2e_phases"] = phases

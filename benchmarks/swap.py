@@ -89,12 +89,20 @@ def main(argv: list[str] | None = None) -> dict:
     for slot in range(1, args.slots + 1):
         slot_model.write_slot(slot, prepared[slot % len(prepared)])
 
-    # The compiled forward through the slot layers (one graph: fixed batch and length).
-    def forward(input_ids: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-        slot_model.set_slot_ids(slot_ids)
+    # The compiled forward through the slot layers (one graph: fixed batch and length). The slot
+    # ids are set outside it, as the engine does: the slot layers read them as inputs.
+    def last_logits(input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits[:, -1, :]
 
-    compiled = torch.compile(forward, dynamic=False) if args.compile == "on" else forward
+    compiled_logits = torch.compile(last_logits, dynamic=False) if args.compile == "on" else last_logits
+
+    def compiled(input_ids: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        slot_model.set_slot_ids(slot_ids, input_ids.shape[1])
+        return compiled_logits(input_ids)
+
+    def forward(input_ids: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        slot_model.set_slot_ids(slot_ids, input_ids.shape[1])
+        return last_logits(input_ids)
     vocab = min(model.config.vocab_size, len(base.tokenizer))
     input_ids = torch.randint(0, vocab, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(args.seed)).to(device)
 

@@ -45,7 +45,7 @@ class AppArgs(BaseModel):
     replica_num_cpus: float = Field(1.0, ge=0, description="CPUs per replica; also its torch thread count")
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU node)")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="requests a replica takes at once; default 2 x max_batch_size, so a batch can fill"
+        None, ge=1, description="requests a replica takes at once; default 2 x max_num_seqs: a full batch running, one more waiting"
     )
     served_model_name: str | None = Field(
         None, min_length=1, description="the `model` value that means the base model; default: its name"
@@ -96,7 +96,7 @@ def build_app(args: dict | None = None) -> Application:
         settings = settings.with_demo_adapters()
     replicas = LoraReplica.options(
         num_replicas=settings.num_replicas,
-        max_ongoing_requests=settings.max_ongoing_requests or 2 * settings.replica.max_batch_size,
+        max_ongoing_requests=settings.max_ongoing_requests or 2 * settings.replica.max_num_seqs,
         ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
         max_queued_requests=settings.max_queued_requests,
         user_config=settings.replica.model_dump(mode="json"),

@@ -27,24 +27,32 @@ from pydantic.dataclasses import dataclass as validated_dataclass
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_P",
+    "MAX_REPETITION_PENALTY",
     "MAX_SEED",
     "MAX_STOP_STRINGS",
+    "MAX_STOP_TOKEN_IDS",
     "MAX_TEMPERATURE",
     "ChatTurn",
     "FinishReason",
     "GenerationChunk",
     "GenerationRequest",
+    "MinTokens",
+    "RepetitionPenalty",
     "RoutingStats",
     "SamplingParams",
     "Seed",
     "StopStrings",
     "Temperature",
+    "StopTokenIds",
     "TokenCount",
+    "TopK",
     "TopP",
 ]
 
 MAX_STOP_STRINGS = 8
+MAX_STOP_TOKEN_IDS = 64
 MAX_TEMPERATURE = 2.0
+MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**63 - 1
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's and vLLM's; pass 0 for greedy decoding
 DEFAULT_TOP_P = 1.0
@@ -55,6 +63,12 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="makes sampling repro
 TokenCount = Annotated[int, Field(ge=1)]
 StopString = Annotated[str, Field(min_length=1)]
 StopStrings = Annotated[tuple[StopString, ...], Field(max_length=MAX_STOP_STRINGS)]
+TopK = Annotated[int, Field(ge=-1, description="keep the k most likely tokens; 0 or -1: all (vLLM's)")]
+MinTokens = Annotated[int, Field(ge=0, description="tokens generated before an end token or stop id may end the row")]
+RepetitionPenalty = Annotated[
+    float, Field(gt=0.0, le=MAX_REPETITION_PENALTY, description="> 1 discourages tokens already seen (vLLM's)")
+]
+StopTokenIds = Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(max_length=MAX_STOP_TOKEN_IDS)]
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -69,6 +83,11 @@ class SamplingParams:
     stop: StopStrings = ()
     ignore_eos: bool = False
     """Run to max_tokens (benchmarks; vLLM's option of the same name)."""
+    min_tokens: MinTokens = 0
+    top_k: TopK = 0
+    repetition_penalty: RepetitionPenalty = 1.0
+    stop_token_ids: StopTokenIds = ()
+    """Token ids that end the row like eos does (vLLM's); the id itself is not in the text."""
 
 
 @dataclass(frozen=True)

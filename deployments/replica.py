@@ -193,7 +193,10 @@ class LoraReplica:
         return engine.routing_stats().to_dict() if engine is not None else {}
 
     def check_health(self) -> None:
-        self._require_engine()
+        """Serve calls this periodically; raising makes it replace the replica (a dead engine loop)."""
+        engine = self._require_engine()
+        if not engine.scheduler.alive:
+            raise EngineClosedError(f"the engine loop is not running: {engine.scheduler.death}")
 
     def __del__(self) -> None:  # Serve calls this on graceful shutdown
         subscription = getattr(self, "_subscription", None)

@@ -38,10 +38,18 @@ class EngineConfig(BaseModel):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: fp32 on CPU, bf16 on CUDA")
-    max_batch_size: int = Field(8, ge=1, le=256)
-    max_seq_len: int = Field(512, ge=16, le=32768, description="prompt + generated tokens per row")
+    max_num_seqs: int = Field(
+        32, ge=1, le=1024, description="requests decoded together (continuous batching); each holds a KV lane"
+    )
+    max_seq_len: int = Field(512, ge=16, le=32768, description="prompt + generated tokens per request")
     max_new_tokens: int = Field(256, ge=1)
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000)
+    kv_cache_bytes: int = Field(
+        2 << 30, ge=1, description="KV cache budget; lanes = min(max_num_seqs, budget // bytes of a max_seq_len lane)"
+    )
+    prefill_chunk_tokens: int = Field(
+        256, ge=1, le=65536, description="prompt tokens prefilled per step: what a long prompt may cost a step"
+    )
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="an idle engine waits this long for more arrivals")
     host_cache_bytes: int = Field(1 << 30, ge=0)
     max_adapter_bytes: int = Field(512 << 20, ge=1)
     torch_threads: int | None = Field(None, ge=1)

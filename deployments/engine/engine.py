@@ -1,4 +1,4 @@
-"""The replica engine: one base model, N LoRA slots, an LRU over them, and batched generation.
+"""The replica engine: one base model, N LoRA slots, an LRU over them, continuous batching.
 
     engine = Engine(EngineConfig(base_model="tiny-random-llama", compile="off"))
     engine.register_adapter("acme/pirate", "/path/to/peft/adapter")
@@ -6,8 +6,9 @@
     engine.close()
 
 A facade over the pieces, each in its own module: the base model (`base_model`), the slot LoRA
-layers (`slot_lora`), adapter residency (`residency`: slot pool + host cache + versions), the loop
-thread that runs commands and batches (`scheduler`), and batched generation (`generation`).
+layers (`slot_lora`), adapter residency (`residency`: slot pool + host cache + versions), the KV
+cache (`kv_cache`: a lane per running request), the forward (`model_runner`), and the loop thread
+that admits, prefills and decodes (`scheduler`), sampling (`sampling`) and text (`text_stream`).
 Per-request limits are checked here, at submit: a request valid alone is valid in any batch.
 """
 
@@ -24,10 +25,11 @@ import torch
 from deployments.contracts import ChatTurn, GenerationChunk, GenerationRequest, RoutingStats, SamplingParams
 from deployments.engine.base_model import BaseModelSpec, LoadedBaseModel, load_base_model
 from deployments.engine.devices import compile_enabled, resolve_device, resolve_dtype
-from deployments.engine.generation import BatchGenerator
 from deployments.engine.handles import RequestHandle
+from deployments.engine.kv_cache import LaneKVCache
+from deployments.engine.model_runner import ModelRunner
 from deployments.engine.residency import AdapterResidency, AdapterResolver
-from deployments.engine.scheduler import Scheduler
+from deployments.engine.scheduler import Scheduler, SchedulerSettings
 from deployments.engine.slot_lora import SlotLoraModel
 from deployments.engine.slots import BASE_SLOT
 from lora_core.checkpoint import LoraCheckpoint
@@ -71,25 +73,26 @@ class Engine:
         self.base = base if base is not None else load_engine_base(config)
         self.tokenizer = self.base.tokenizer
         self.slot_model = slot_model_for(self.base, config, config.num_slots)
-        self.generator = BatchGenerator(
-            self.base.model,
-            self.base.tokenizer,
-            self.slot_model.set_slot_ids,
-            max_batch_size=config.max_batch_size,
-            max_seq_len=config.max_seq_len,
-            compile_decode=compile_enabled(config),
-            compile_mode=config.compile_mode,
+        self.kv_cache = _kv_cache_for(self.base, config)
+        self.runner = ModelRunner(
+            self.base.model, self.slot_model.set_slot_ids, self.kv_cache,
+            compile_decode=compile_enabled(config), compile_mode=config.compile_mode, max_rows=self.kv_cache.lanes,
         )
-        self.scheduler = Scheduler(self.generator, config.max_batch_size, config.batch_wait_ms)
+        self.eos_ids = eos_ids(self.base.model, self.tokenizer)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.scheduler = Scheduler(self.runner, self.tokenizer, SchedulerSettings(
+            max_seq_len=config.max_seq_len, prefill_chunk_tokens=config.prefill_chunk_tokens,
+            batch_wait_ms=config.batch_wait_ms, pad_id=pad_id, eos_ids=self.eos_ids,
+        ))
         self.residency = AdapterResidency(
             self.slot_model, config.num_slots, config.host_cache_bytes, config.max_adapter_bytes,
             loop=self.scheduler, resolver=resolver,
         )
-        if compile_enabled(config):
+        if self.runner.compiled:
             started = time.perf_counter()
             with torch.no_grad():
-                self.generator.warm_up()
-            logger.info("compiled decode for batch buckets %s in %.1f s", self.generator.buckets, time.perf_counter() - started)
+                self.runner.warm_up(pad_id)
+            logger.info("compiled decode for row buckets %s in %.1f s", self.runner.buckets, time.perf_counter() - started)
         self.scheduler.start(self.residency)
 
     # ---- adapters (see `residency` for how they move between folder, host cache and slot) --------
@@ -134,6 +137,9 @@ class Engine:
             raise EngineClosedError("the engine is shut down")
         ids = self._prompt_ids(request)
         params = self._checked_params(request.params, len(ids))
+        vocab = self.base.model.config.vocab_size
+        if any(not 0 <= token < vocab for token in (*ids, *params.stop_token_ids)):
+            raise InvalidRequestError(f"token ids must be within [0, {vocab}) for this model")
         adapter_id = request.adapter_id
         if adapter_id is not None and not self.residency.has_resolver and not self.residency.knows(adapter_id):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
@@ -163,14 +169,15 @@ class Engine:
                     if adapter_id is None:
                         slots.append(BASE_SLOT)
                     else:
-                        slots.append(residency.acquire(adapter_id, entries[adapter_id]))
-                        held.append(adapter_id)
-                self.slot_model.set_slot_ids(torch.tensor(slots, device=self.slot_model.device))
+                        slot, key = residency.acquire(adapter_id, entries[adapter_id])
+                        slots.append(slot)
+                        held.append(key)
+                self.slot_model.set_slot_ids(torch.tensor(slots), input_ids.shape[1])
                 with torch.no_grad():
                     return self.base.model(input_ids=input_ids.to(self.slot_model.device)).logits.float().cpu()
             finally:
-                for adapter_id in held:
-                    residency.release(adapter_id)
+                for key in held:
+                    residency.release(key)
 
         return self.scheduler.call(forward)
 
@@ -181,16 +188,21 @@ class Engine:
         return {
             "slots": self.residency.pool_snapshot().to_dict(),
             "host_cache": vars(self.residency.host_cache.snapshot()),
-            "batches_run": scheduler.batches_run,
-            "rows_run": scheduler.rows_run,
+            "steps_run": scheduler.steps_run,
+            "prefill_chunks_run": scheduler.prefill_chunks_run,
+            "rows_run": scheduler.rows_admitted,
+            "peak_rows": scheduler.peak_rows,
             "tokens_generated": scheduler.tokens_generated,
-            "queued": len(scheduler.pending()),
+            "queued": len(scheduler.waiting()),
+            "running": scheduler.running,
+            "kv_lanes": self.kv_cache.lanes,
+            "kv_cache_bytes": self.kv_cache.size_bytes,
         }
 
     def routing_stats(self) -> RoutingStats:
         """What a router needs to place the next request here (`routing_policy.ReplicaView`)."""
         snapshot = self.residency.pool_snapshot()
-        pending = self.scheduler.pending()
+        pending = self.scheduler.waiting()
         waiting_for_load = [
             h.adapter_id for h in pending if h.adapter_id is not None and not self.residency.is_cached(h.adapter_id)
         ]
@@ -235,12 +247,40 @@ class Engine:
             params = dataclasses.replace(params, max_tokens=max(1, min(limit, context - prompt_tokens)))
         if params.max_tokens > limit:
             raise InvalidRequestError(f"max_tokens {params.max_tokens} is over the limit of {limit}")
+        if params.min_tokens > params.max_tokens:
+            raise InvalidRequestError(f"min_tokens {params.min_tokens} is over max_tokens {params.max_tokens}")
         if prompt_tokens + params.max_tokens > context:
             raise InvalidRequestError(
                 f"the prompt ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) exceeds "
                 f"max_seq_len {context}"
             )
         return params
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """Every id the model's generation config, its config or its tokenizer calls end of sequence."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+def _kv_cache_for(base: LoadedBaseModel, config: EngineConfig) -> LaneKVCache:
+    model_config = base.model.config
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    layers = model_config.num_hidden_layers
+    lane_bytes = LaneKVCache.lane_bytes(layers, kv_heads, head_dim, config.max_seq_len, base.dtype)
+    lanes = min(config.max_num_seqs, config.kv_cache_bytes // lane_bytes)
+    if lanes < 1:
+        raise ValueError(
+            f"kv_cache_bytes {config.kv_cache_bytes} holds no lane of max_seq_len {config.max_seq_len} "
+            f"({lane_bytes} bytes each); raise kv_cache_bytes or lower max_seq_len")
+    return LaneKVCache(layers, kv_heads, head_dim, config.max_seq_len, lanes, base.dtype, base.device)
 
 
 def chat_turns(messages: Sequence[ChatTurn | Mapping[str, str]]) -> tuple[ChatTurn, ...]:

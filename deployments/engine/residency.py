@@ -7,16 +7,23 @@
 and `placements()` is the one answer to "which version is where". The adapter store's changes
 come in through one method, `follow_store`.
 
-Threads. Slot tensors are written only on the engine's loop thread, between batches (so a row
+Versions. A slot holds one version of one adapter (the pool's key is `<adapter id>@<version>`),
+and a running request holds its slot from admission to its last token, so it runs start to
+finish on one version. A new version goes into the host cache at once; the next request admitted
+for the adapter takes it (into the old version's slot when no request holds that one, else into
+another slot), while the requests already running finish on the old one, whose slot is freed
+when the last of them ends. A swap never waits for the longest running request. A deleted adapter
+works the same way: running requests finish, queued ones fail with 404, the slot is zeroed when
+freed.
+
+Threads. Slot tensors are written only on the engine's loop thread, between steps (so a row
 never sees a half-written slot): methods marked "loop thread" are called there by the scheduler,
 and the others hand slot work to the loop (`ModelLoop.call`). Host-cache work runs on any thread.
-A version put into the host cache while its adapter is warm is written into the slot before the
-adapter's next batch (`acquire` rewrites a slot whose version differs), so a new version never
-waits for the batch in flight.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +37,7 @@ from deployments.engine.slots import PoolSnapshot, SlotPool
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint
 from lora_core.errors import AdapterNotFoundError
 
-__all__ = ["AdapterResidency", "AdapterResolver", "ModelLoop", "Placement"]
+__all__ = ["AdapterResidency", "AdapterResolver", "ModelLoop", "Placement", "slot_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,17 @@ checkpoints were scanned for NaN/inf by whoever published them (the adapter stor
 still checks their shapes, ranks and targets against its slots."""
 
 LOAD_WORKERS = 4
+_KEY_SEPARATOR = "@"  # never in an adapter id (lora_core.adapter_ids)
+
+
+def slot_key(adapter_id: str, version: str) -> str:
+    """The slot pool's key for one version of one adapter."""
+    return f"{adapter_id}{_KEY_SEPARATOR}{version}"
+
+
+def _split(key: str) -> tuple[str, str]:
+    adapter_id, _, version = key.partition(_KEY_SEPARATOR)
+    return adapter_id, version
 
 
 class ModelLoop(Protocol):
@@ -89,7 +107,7 @@ class AdapterResidency:
         self._loop = loop
         self._resolver = resolver
         self._local_folders: dict[str, Path] = {}
-        self._slot_versions: dict[str, str] = {}  # written on the loop thread only
+        self._retiring: set[str] = set()  # slot keys to free once no request holds them (loop thread)
 
     # ---- which version is where ---------------------------------------------------------------
 
@@ -97,15 +115,25 @@ class AdapterResidency:
         """Every adapter this engine holds (a slot or the host cache) or was registered from a
         folder, sorted by id."""
         cached = self.host_cache.versions()
-        slots = self.pool.slots()
+        warm = self._warm_keys()
         local = dict(self._local_folders)
         placements = {}
-        for adapter_id in sorted({*cached, *slots, *local}):
-            slot = slots.get(adapter_id)
-            version = cached.get(adapter_id) or (self._slot_versions.get(adapter_id) if slot is not None else None)
+        for adapter_id in sorted({*cached, *warm, *local}):
+            slot, slot_version = warm.get(adapter_id, (None, None))
+            version = cached.get(adapter_id) or slot_version
             origin = "local" if adapter_id in local else "store"
             placements[adapter_id] = Placement(adapter_id, slot, version, origin)
         return placements
+
+    def _warm_keys(self) -> dict[str, tuple[int, str]]:
+        """adapter id -> (slot, version) of its newest version in a slot (versions being retired
+        after their last request are left out unless nothing newer is warm)."""
+        warm: dict[str, tuple[int, str]] = {}
+        for key, slot in self.pool.slots().items():
+            adapter_id, version = _split(key)
+            if adapter_id not in warm or key not in self._retiring:
+                warm[adapter_id] = (slot, version)
+        return warm
 
     def placement(self, adapter_id: str) -> Placement | None:
         return self.placements().get(adapter_id)
@@ -115,11 +143,24 @@ class AdapterResidency:
         return {a: p.version for a, p in self.placements().items() if p.slot is not None and p.version is not None}
 
     def pool_snapshot(self) -> PoolSnapshot:
-        return self.pool.snapshot()
+        """The slot pool's state with adapter ids where the pool has slot keys."""
+        snapshot = self.pool.snapshot()
+        ids = lambda keys: tuple(dict.fromkeys(_split(key)[0] for key in keys))  # noqa: E731
+        last_used: dict[str, float] = {}
+        for key, when in snapshot.last_used_s.items():
+            adapter_id = _split(key)[0]
+            last_used[adapter_id] = max(when, last_used.get(adapter_id, when))
+        return dataclasses.replace(
+            snapshot,
+            warm=ids(snapshot.warm),
+            pinned=ids(snapshot.pinned),
+            last_used_s=last_used,
+            next_victim=_split(snapshot.next_victim)[0] if snapshot.next_victim else None,
+        )
 
     def knows(self, adapter_id: str) -> bool:
         """Whether a request for `adapter_id` can be served without asking the store."""
-        return adapter_id in self._local_folders or adapter_id in self.host_cache or adapter_id in self.pool
+        return adapter_id in self._local_folders or adapter_id in self.host_cache or adapter_id in self._warm_keys()
 
     @property
     def has_resolver(self) -> bool:
@@ -181,15 +222,23 @@ class AdapterResidency:
         self._loop.wake()
 
     def update(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str, *, check_values: bool = True) -> None:
-        """Like `put`, and wait until a warm slot holds the new version (between batches)."""
+        """Like `put`, and once it returns, a warm adapter's slot holds the new version: the old
+        version's slot is rewritten in place when no request holds it (else running requests
+        finish on it and the next one admitted takes the new version into another slot)."""
         prepared = self.slot_model.prepare(checkpoint, check_values=check_values)
 
         def swap_in() -> None:
             self.host_cache.put(adapter_id, prepared, version)
-            slot = self.pool.slot_of(adapter_id)
-            if slot is not None and self._slot_versions.get(adapter_id) != version:
-                self.pool.record_swap(self.slot_model.write_slot(slot, prepared))
-                self._slot_versions[adapter_id] = version
+            new_key = slot_key(adapter_id, version)
+            if new_key in self.pool:
+                return
+            for key in self._keys_of(adapter_id):
+                if not self.pool.in_use(key):
+                    slot = self.pool.rename(key, new_key)
+                    self._retiring.discard(key)
+                    self._write(new_key, slot, prepared)
+                    break
+            self._retire_versions(adapter_id, keep=new_key)
 
         self._loop.call(swap_in)
 
@@ -199,34 +248,38 @@ class AdapterResidency:
         def delete_now() -> None:
             if not self.knows(adapter_id) and not missing_ok:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-            self._drop(adapter_id, force=True)
+            self._drop(adapter_id)
             self._local_folders.pop(adapter_id, None)
             self._loop.fail_waiting(adapter_id, AdapterNotFoundError(f"adapter {adapter_id!r} was deleted"))
 
         self._loop.call(delete_now)
 
     def evict(self, adapter_id: str) -> None:
-        """Out of its slot and the host cache (between batches, so no row holds it); it stays
-        registered and loads again on its next use."""
-        self._loop.call(lambda: self._drop(adapter_id, force=False))
+        """Out of its slots (once no request holds them) and the host cache; it stays registered
+        and loads again on its next use."""
+        self._loop.call(lambda: self._drop(adapter_id))
 
     def warm(self, adapter_id: str, pin: bool = False) -> int:
         """Load an adapter into a slot now (and pin it); returns the slot."""
         entry = self.host_entry(adapter_id)
 
         def load() -> int:
-            slot = self.acquire(adapter_id, entry)
+            slot, key = self.acquire(adapter_id, entry)
             try:
                 if pin:
-                    self.pool.pin(adapter_id)
+                    self.pool.pin(key)
             finally:
-                self.pool.release(adapter_id)
+                self.release(key)
             return slot
 
         return self._loop.call(load)
 
     def unpin(self, adapter_id: str) -> None:
-        self._loop.call(lambda: self.pool.unpin(adapter_id))
+        def unpin_now() -> None:
+            for key in self._keys_of(adapter_id):
+                self.pool.unpin(key)
+
+        self._loop.call(unpin_now)
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -260,32 +313,68 @@ class AdapterResidency:
 
     # ---- slots (loop thread) ----------------------------------------------------------------------
 
-    def acquire(self, adapter_id: str, entry: CacheEntry[PreparedAdapter]) -> int:
-        """Loop thread: take the adapter's slot for one request, writing its weights in on a miss
-        or when the slot holds another version; pair with `release`."""
-        assignment = self.pool.acquire(adapter_id)
+    def acquire(self, adapter_id: str, entry: CacheEntry[PreparedAdapter]) -> tuple[int, str]:
+        """Loop thread: hold a slot with `entry`'s version for one request, writing the weights in
+        on a miss; returns (slot, key) and the caller gives the key back with `release` when the
+        request ends. SlotsExhaustedError when every slot is held or pinned."""
+        key = slot_key(adapter_id, entry.version)
+        self._retiring.discard(key)
+        assignment = self.pool.acquire(key)
         if assignment.evicted is not None:
-            self._slot_versions.pop(assignment.evicted, None)
-        if not assignment.hit or self._slot_versions.get(adapter_id) != entry.version:
+            self._retiring.discard(assignment.evicted)
+        if not assignment.hit:
             try:
-                self.pool.record_swap(self.slot_model.write_slot(assignment.slot, entry.value))
+                self._write(key, assignment.slot, entry.value)
             except BaseException:
-                self.pool.discard(adapter_id, force=True)
+                self.pool.discard(key, force=True)
                 raise
-            self._slot_versions[adapter_id] = entry.version
-        return assignment.slot
+            self._retire_versions(adapter_id, keep=key)
+        return assignment.slot, key
 
-    def release(self, adapter_id: str) -> None:
-        """Loop thread: give back what `acquire` took (a no-op if the adapter was deleted since)."""
-        if adapter_id in self.pool:
-            self.pool.release(adapter_id)
+    def release(self, key: str) -> None:
+        """Loop thread: give back what `acquire` took; a retired version's slot is freed (zeroed)
+        when its last request ends. A no-op for a key that is gone."""
+        if key not in self.pool:
+            return
+        self.pool.release(key)
+        if key in self._retiring and not self.pool.in_use(key):
+            self._free(key)
 
-    def _drop(self, adapter_id: str, force: bool) -> None:
-        self.host_cache.invalidate(adapter_id)
-        slot = self.pool.discard(adapter_id, force=force)
+    def _write(self, key: str, slot: int, prepared: PreparedAdapter) -> None:
+        self.pool.record_swap(self.slot_model.write_slot(slot, prepared))
+
+    def _keys_of(self, adapter_id: str) -> list[str]:
+        return [key for key in self.pool.slots() if _split(key)[0] == adapter_id]
+
+    def _retire_versions(self, adapter_id: str, keep: str) -> None:
+        """Every other version of the adapter: freed now if idle, else when its last request ends.
+        A pin moves to the kept version."""
+        pinned = set(self.pool.snapshot().pinned)
+        for key in self._keys_of(adapter_id):
+            if key == keep:
+                continue
+            if key in pinned:
+                self.pool.unpin(key)
+                self.pool.pin(keep)
+            if self.pool.in_use(key):
+                self._retiring.add(key)
+            else:
+                self._free(key)
+
+    def _free(self, key: str) -> None:
+        slot = self.pool.discard(key)
         if slot is not None:
             self.slot_model.clear_slot(slot)
-        self._slot_versions.pop(adapter_id, None)
+        self._retiring.discard(key)
+
+    def _drop(self, adapter_id: str) -> None:
+        self.host_cache.invalidate(adapter_id)
+        for key in self._keys_of(adapter_id):
+            self.pool.unpin(key)
+            if self.pool.in_use(key):
+                self._retiring.add(key)  # its running requests finish first
+            else:
+                self._free(key)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,11 +1,27 @@
-"""The engine's loop thread: it owns the model and runs commands and batches in turn.
+"""Continuous batching: the engine's loop thread, which owns the model.
 
-Commands (swap a version in, delete, pin, evict: `call`) run between batches, so a swap always
-lands between batches: a request never sees a half-swapped adapter, requests in flight finish on
-the version they started with, the next ones see the new one. Requests that arrive within
-`batch_wait_ms` of each other share a batch whatever their adapters, up to `max_batch_size` rows
-and `num_slots` distinct adapters. A request whose adapter is not in the host cache waits while
-a loader thread brings it (once however many wait for it) and other batches keep running.
+Each iteration, in order:
+  1. commands (swap a version in, delete, pin, evict: `call`) run, between steps;
+  2. cancelled rows leave;
+  3. waiting requests join while a KV lane and a slot are free, whatever their adapters (a request
+     whose adapter is not in the host cache waits while a loader thread brings it, once however
+     many wait for it);
+  4. one prefill chunk: up to `prefill_chunk_tokens` prompt tokens of the rows being prefilled,
+     together, in lane order; a row whose prompt is complete samples its first token and starts
+     decoding;
+  5. one decode step for every decoding row; rows that finish leave at once.
+So no request waits for another to finish, and a long prompt costs the running rows at most one
+chunk per step. A request holds its lane and its adapter's slot (that version) from admission to
+its last token.
+
+Lanes stay packed (decoding rows in `[0, D)`, rows being prefilled in `[D, D + P)`): a row that
+leaves is replaced by the last decoding row, and that gap by the last prefilling row (`move`
+copies only the positions in use). So both forwards read their lanes as views.
+
+Failures are as small as they can be: one row's error (its sampling, its text, its adapter's load)
+ends that row alone; a forward that fails as a whole fails only the rows in it; the loop goes on.
+If the loop itself ever dies, `alive` turns false (the replica's health check fails and Serve
+replaces it) and every waiting and running request gets EngineClosedError (503).
 """
 
 from __future__ import annotations
@@ -15,17 +31,21 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import torch
 
-from deployments.engine.generation import BatchGenerator, GenerationRow
 from deployments.engine.handles import RequestHandle
+from deployments.engine.kv_cache import LaneKVCache
+from deployments.engine.model_runner import ModelRunner
 from deployments.engine.residency import AdapterResidency
+from deployments.engine.sampling import RowSampler, sample_tokens
 from deployments.engine.slots import BASE_SLOT
+from deployments.engine.text_stream import TextStream
 from lora_core.errors import EngineClosedError, LoraServeError, SlotsExhaustedError
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "SchedulerSettings"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +53,56 @@ T = TypeVar("T")
 IDLE_WAIT_S = 0.1
 
 
+@dataclass(frozen=True)
+class SchedulerSettings:
+    max_seq_len: int
+    prefill_chunk_tokens: int
+    batch_wait_ms: float
+    pad_id: int
+    eos_ids: frozenset[int]
+
+
+@dataclass(eq=False)
+class Row:
+    """A running request: its lane, its slot, and how far it has got."""
+
+    handle: RequestHandle
+    lane: int
+    slot: int
+    slot_key: str | None  # what the row holds in the residency; None on the base model
+    sampler: RowSampler
+    stream: TextStream
+    prefilled: int = 0  # prompt tokens in the lane
+    length: int = 0  # tokens in the lane (prompt + fed generated ones)
+    last_token: int | None = None  # sampled, fed at the next decode step
+    done: bool = field(default=False)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.handle.prompt_ids) - self.prefilled
+
+
 class Scheduler:
     """Implements `residency.ModelLoop` for the residency it serves (`start(residency)`)."""
 
-    def __init__(self, generator: BatchGenerator, max_batch_size: int, batch_wait_ms: float) -> None:
-        self.generator = generator
-        self.max_batch_size = max_batch_size
-        self.batch_wait_ms = batch_wait_ms
+    def __init__(self, runner: ModelRunner, tokenizer, settings: SchedulerSettings) -> None:
+        self.runner = runner
+        self.kv_cache: LaneKVCache = runner.kv_cache
+        self.tokenizer = tokenizer
+        self.settings = settings
         self.residency: AdapterResidency | None = None
-        self._pending: deque[RequestHandle] = deque()
+        self._waiting: deque[RequestHandle] = deque()
+        self._decoding: list[Row] = []  # lane i holds self._decoding[i]
+        self._prefilling: list[Row] = []  # lane len(decoding) + i holds self._prefilling[i]
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._closed = False
-        self._running_rows = 0
-        self.batches_run = 0
-        self.rows_run = 0
+        self.death: BaseException | None = None
+        self.steps_run = 0
+        self.prefill_chunks_run = 0
+        self.rows_admitted = 0
         self.tokens_generated = 0
+        self.peak_rows = 0
         self._thread = threading.Thread(target=self._run, name="lora-engine", daemon=True)
 
     def start(self, residency: AdapterResidency) -> None:
@@ -62,8 +116,7 @@ class Scheduler:
             return function()
         future: Future = Future()
         with self._wake:
-            if self._closed:
-                raise EngineClosedError("the engine is shut down")
+            self._check_open()
             self._commands.append((function, future))
             self._wake.notify()
         return future.result()
@@ -73,10 +126,11 @@ class Scheduler:
             self._wake.notify()
 
     def fail_waiting(self, adapter_id: str, error: BaseException) -> None:
+        """Queued requests for `adapter_id` fail; running ones finish on what they hold."""
         with self._wake:
-            doomed = [h for h in self._pending if h.adapter_id == adapter_id]
+            doomed = [h for h in self._waiting if h.adapter_id == adapter_id]
             for handle in doomed:
-                self._pending.remove(handle)
+                self._waiting.remove(handle)
         for handle in doomed:
             handle.fail(error)
 
@@ -84,27 +138,34 @@ class Scheduler:
 
     def enqueue(self, handle: RequestHandle) -> None:
         with self._wake:
-            if self._closed:
-                raise EngineClosedError("the engine is shut down")
-            self._pending.append(handle)
+            self._check_open()
+            self._waiting.append(handle)
             self._wake.notify()
         adapter_id = handle.adapter_id
         if adapter_id is not None and not self.residency.is_cached(adapter_id):
             self._start_load(adapter_id)
 
-    def pending(self) -> list[RequestHandle]:
+    def waiting(self) -> list[RequestHandle]:
         with self._wake:
-            return list(self._pending)
+            return list(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._decoding) + len(self._prefilling)
+
+    @property
+    def queue_len(self) -> int:
+        """Requests waiting or running."""
+        with self._wake:
+            return len(self._waiting) + self.running
 
     @property
     def closed(self) -> bool:
         return self._closed
 
     @property
-    def queue_len(self) -> int:
-        """Requests queued or running."""
-        with self._wake:
-            return len(self._pending) + self._running_rows
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.death is None
 
     def close(self) -> None:
         with self._wake:
@@ -112,12 +173,266 @@ class Scheduler:
             self._wake.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        with self._wake:
-            left, self._pending = list(self._pending), deque()
-        for handle in left:
-            handle.fail(EngineClosedError("the engine shut down before this request ran"))
+        self._fail_everything(EngineClosedError("the engine shut down before this request ended"))
 
     # ---- the loop -------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed or self.death is not None:
+            raise EngineClosedError("the engine is shut down" if self._closed else f"the engine loop died: {self.death}")
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                while True:
+                    with self._wake:
+                        while not self._closed and not self._commands and not self._has_work():
+                            self._wake.wait(timeout=IDLE_WAIT_S)
+                        if self._closed:
+                            return
+                        commands = list(self._commands)
+                        self._commands.clear()
+                    for function, future in commands:
+                        try:
+                            future.set_result(function())
+                        except BaseException as error:  # handed to the caller, who raises it
+                            future.set_exception(error)
+                    self._iteration()
+        except BaseException as error:  # a bug in the loop itself: nothing can run any more
+            logger.exception("the engine loop died")
+            self.death = error
+            self._fail_everything(EngineClosedError(f"the engine loop died: {type(error).__name__}: {error}"))
+
+    def _has_work(self) -> bool:
+        if self._decoding or self._prefilling:
+            return True
+        residency = self.residency
+        return any(
+            h.cancelled or h.adapter_id is None or residency.is_cached(h.adapter_id) or not residency.is_loading(h.adapter_id)
+            for h in self._waiting
+        )
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling:
+            self._guarded(self._prefill_chunk, self._prefill_rows_in_flight)
+        if self._decoding:
+            self._guarded(self._decode_step, lambda: list(self._decoding))
+
+    def _guarded(self, step: Callable[[], None], rows: Callable[[], list[Row]]) -> None:
+        """Run a forward step; if it fails as a whole, its rows fail (500) and the engine goes on."""
+        involved = rows()
+        try:
+            step()
+        except Exception as error:
+            logger.exception("a step of %d rows failed", len(involved))
+            failure = error if isinstance(error, LoraServeError) else LoraServeError(
+                f"the engine step failed: {type(error).__name__}: {error}")
+            for row in involved:
+                if not row.done:
+                    self._retire(row, error=failure)
+
+    # ---- joining --------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        free_lanes = self.kv_cache.lanes - self.running
+        if not free_lanes or not self._waiting:
+            return
+        self._batch_wait(free_lanes)
+        residency = self.residency
+        for handle in self.waiting():
+            if self.running >= self.kv_cache.lanes:
+                return
+            if handle.cancelled:
+                self._unqueue(handle)
+                handle.finish("cancelled", 0)
+                continue
+            slot, key = BASE_SLOT, None
+            if handle.adapter_id is not None:
+                entry = residency.cached(handle.adapter_id)
+                if entry is None:
+                    if not residency.is_loading(handle.adapter_id):
+                        self._start_load(handle.adapter_id)
+                    continue
+                try:
+                    slot, key = residency.acquire(handle.adapter_id, entry)
+                except SlotsExhaustedError:
+                    continue  # its turn comes when a running row gives a slot back
+                except LoraServeError as error:
+                    self._unqueue(handle)
+                    handle.fail(error)
+                    continue
+            self._unqueue(handle)
+            sampler = RowSampler.for_request(handle.params, handle.prompt_ids, self.settings.eos_ids)
+            stream = TextStream(self.tokenizer, handle.params.stop)
+            self._prefilling.append(Row(handle, self.running, slot, key, sampler, stream))
+            self.rows_admitted += 1
+
+    def _batch_wait(self, free_lanes: int) -> None:
+        """An idle engine waits up to `batch_wait_ms` after the first arrival, so requests sent
+        together start together."""
+        wait_ms = self.settings.batch_wait_ms
+        if not wait_ms or self.running or len(self._waiting) >= free_lanes:
+            return
+        wait_s = self._waiting[0].submitted_s + wait_ms / 1000 - time.monotonic()
+        if wait_s > 0:
+            time.sleep(wait_s)
+
+    def _unqueue(self, handle: RequestHandle) -> None:
+        with self._wake:
+            self._waiting.remove(handle)
+
+    # ---- prefill --------------------------------------------------------------------------------
+
+    def _prefill_rows_in_flight(self) -> list[Row]:
+        budget, rows = self.settings.prefill_chunk_tokens, []
+        for row in self._prefilling:
+            if budget <= 0:
+                break
+            rows.append(row)
+            budget -= row.prompt_left
+        return rows
+
+    def _prefill_chunk(self) -> None:
+        budget = self.settings.prefill_chunk_tokens
+        chunk: list[tuple[Row, int]] = []
+        for row in self._prefilling:
+            if budget <= 0:
+                break
+            take = min(row.prompt_left, budget)
+            chunk.append((row, take))
+            budget -= take
+        batch = self.runner.batch(len(chunk), max(take for _, take in chunk), self.settings.pad_id)
+        for index, (row, take) in enumerate(chunk):
+            batch.set_row(index, row.handle.prompt_ids[row.prefilled: row.prefilled + take], row.prefilled, row.slot)
+        logits = self.runner.run(chunk[0][0].lane, batch)
+        self.prefill_chunks_run += 1
+        complete = []
+        for index, (row, take) in enumerate(chunk):
+            row.prefilled += take
+            row.length = row.prefilled
+            if row.prompt_left == 0:
+                complete.append(index)
+        started = [chunk[index][0] for index in complete]
+        for row in started:  # they are the first rows of the prefill region: lanes len(decoding)...
+            self._prefilling.remove(row)
+            self._decoding.append(row)
+        if started:
+            self._take_tokens(started, logits[complete])
+
+    # ---- decode ---------------------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        rows = list(self._decoding)
+        batch = self.runner.batch(len(rows), 1, self.settings.pad_id)
+        for index, row in enumerate(rows):
+            batch.set_row(index, [row.last_token], row.length, row.slot)
+        logits = self.runner.run(0, batch)[: len(rows)]
+        self.steps_run += 1
+        self.peak_rows = max(self.peak_rows, len(rows))
+        for row in rows:
+            row.length += 1
+        self._take_tokens(rows, logits)
+
+    def _take_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Sample each row's next token, stream it, and let the rows that finished leave."""
+        tokens, failures = sample_tokens(logits, [row.sampler for row in rows])
+        failed = {failure.index: failure.error for failure in failures}
+        finished: list[tuple[Row, str | None, BaseException | None]] = []
+        for index, row in enumerate(rows):
+            if index in failed:
+                finished.append((row, None, failed[index]))
+                continue
+            try:
+                reason = self._advance(row, tokens[index])
+            except Exception as error:  # this row's text or limits: this row only
+                finished.append((row, None, error))
+                continue
+            if reason is not None:
+                finished.append((row, reason, None))
+        for row, reason, error in sorted(finished, key=lambda item: -item[0].lane):
+            self._retire(row, reason=reason, error=error)
+
+    def _advance(self, row: Row, token: int) -> str | None:
+        """Take one sampled token; the finish reason if the row is done, else None."""
+        sampler, params = row.sampler, row.handle.params
+        sampler.record(token)
+        if token in sampler.end_ids:
+            self._flush(row)
+            return "stop"
+        text, stopped = row.stream.push(token)
+        if text:
+            row.handle.emit(text)
+        if stopped:
+            return "stop"
+        if sampler.generated >= params.max_tokens or row.length >= self.settings.max_seq_len:
+            self._flush(row)
+            return "length"
+        row.last_token = token
+        return None
+
+    @staticmethod
+    def _flush(row: Row) -> None:
+        """Send the text held back for a possible stop string."""
+        tail = row.stream.flush()
+        if tail:
+            row.handle.emit(tail)
+
+    # ---- leaving --------------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        cancelled = [row for row in (*self._decoding, *self._prefilling) if row.handle.cancelled]
+        for row in sorted(cancelled, key=lambda row: -row.lane):
+            self._retire(row, reason="cancelled")
+
+    def _retire(self, row: Row, reason: str | None = None, error: BaseException | None = None) -> None:
+        """End a row (finished, cancelled or failed), give its slot back and pack the lanes."""
+        row.done = True
+        generated = row.sampler.generated
+        self.tokens_generated += generated
+        if error is not None:
+            row.handle.fail(error if isinstance(error, LoraServeError) else
+                            LoraServeError(f"this request failed: {type(error).__name__}: {error}"))
+        else:
+            row.handle.finish(reason or "stop", generated)
+        if row.slot_key is not None:
+            self.residency.release(row.slot_key)
+        if row in self._decoding:
+            last = self._decoding[-1]
+            if last is not row:
+                self._move(last, row.lane)
+                self._decoding[row.lane] = last
+            self._decoding.pop()
+            gap = len(self._decoding)
+            if self._prefilling:
+                moved = self._prefilling.pop()
+                self._move(moved, gap)
+                self._prefilling.insert(0, moved)
+        else:
+            position = self._prefilling.index(row)
+            last = self._prefilling.pop()
+            if last is not row:
+                self._move(last, row.lane)
+                self._prefilling[position] = last
+
+    def _move(self, row: Row, lane: int) -> None:
+        self.kv_cache.move(row.lane, lane, row.length)
+        row.lane = lane
+
+    def _fail_everything(self, error: BaseException) -> None:
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        running = [*self._decoding, *self._prefilling]
+        self._decoding, self._prefilling = [], []
+        for handle in waiting:
+            handle.fail(error)
+        for row in running:
+            if not row.done:
+                row.done = True
+                row.handle.fail(error)
+
+    # ---- adapter loads --------------------------------------------------------------------------
 
     def _start_load(self, adapter_id: str) -> None:
         future = self.residency.start_load(adapter_id)
@@ -129,95 +444,3 @@ class Scheduler:
             self.fail_waiting(adapter_id, error)
         else:
             self.wake()
-
-    def _ready(self, handle: RequestHandle) -> bool:
-        """Runnable now, or its adapter fell out of the host cache and `_run_batch` must reload it."""
-        adapter_id = handle.adapter_id
-        return adapter_id is None or self.residency.is_cached(adapter_id) or not self.residency.is_loading(adapter_id)
-
-    def _run(self) -> None:
-        with torch.no_grad():
-            while True:
-                with self._wake:
-                    while not self._closed and not self._commands and not any(map(self._ready, self._pending)):
-                        self._wake.wait(timeout=IDLE_WAIT_S)
-                    if self._closed:
-                        return
-                    commands = list(self._commands)
-                    self._commands.clear()
-                for function, future in commands:
-                    try:
-                        future.set_result(function())
-                    except BaseException as error:  # handed to the caller, who raises it
-                        future.set_exception(error)
-                if self._pending and self.batch_wait_ms and len(self._pending) < self.max_batch_size:
-                    wait_s = self._pending[0].submitted_s + self.batch_wait_ms / 1000 - time.monotonic()
-                    if wait_s > 0:
-                        time.sleep(wait_s)
-                self._run_batch()
-
-    def _run_batch(self) -> None:
-        residency = self.residency
-        rows: list[GenerationRow] = []
-        held: list[str] = []
-        for handle in self.pending():
-            if len(rows) == self.max_batch_size:
-                break
-            if handle.cancelled:
-                self._remove(handle)
-                handle.finish("cancelled", 0)
-                continue
-            slot = BASE_SLOT
-            if handle.adapter_id is not None:
-                entry = residency.cached(handle.adapter_id)
-                if entry is None:
-                    if not residency.is_loading(handle.adapter_id):
-                        self._start_load(handle.adapter_id)
-                    continue
-                try:
-                    slot = residency.acquire(handle.adapter_id, entry)
-                except SlotsExhaustedError:
-                    continue
-                except LoraServeError as error:
-                    self._remove(handle)
-                    handle.fail(error)
-                    continue
-                held.append(handle.adapter_id)
-            self._remove(handle)
-            rows.append(self._row(handle, slot))
-        if not rows:
-            return
-        self.batches_run += 1
-        self.rows_run += len(rows)
-        self._running_rows = len(rows)
-        try:
-            self.generator.run(rows)
-        except Exception as error:
-            logger.exception("batch of %d rows failed", len(rows))
-            for row in rows:
-                if not row.done:
-                    row.done = True
-                    row.fail(error)
-        finally:
-            self._running_rows = 0
-            for adapter_id in held:
-                residency.release(adapter_id)
-
-    def _remove(self, handle: RequestHandle) -> None:
-        with self._wake:
-            self._pending.remove(handle)
-
-    def _row(self, handle: RequestHandle, slot: int) -> GenerationRow:
-        def finish(reason: str, tokens: int) -> None:
-            self.tokens_generated += tokens
-            handle.finish(reason, tokens)
-
-        return GenerationRow(
-            prompt_ids=handle.prompt_ids,
-            params=handle.params,
-            slot=slot,
-            emit=lambda text, _token: handle.emit(text),
-            finish=finish,
-            is_cancelled=lambda: handle.cancelled,
-            fail=handle.fail,
-        )

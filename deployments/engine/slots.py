@@ -236,6 +236,26 @@ class SlotPool:
             entry = self._residents.get(adapter_id)
             return None if entry is None else entry.slot
 
+    def in_use(self, adapter_id: str) -> bool:
+        """Whether requests hold the adapter's slot now (it may not be discarded or rewritten)."""
+        with self._lock:
+            entry = self._residents.get(adapter_id)
+            return entry is not None and entry.refs > 0
+
+    def rename(self, old_id: str, new_id: str) -> int:
+        """Give a resident's slot, pin and LRU place to another id (a new version written into
+        the same slot); refused while requests hold it. Returns the slot."""
+        with self._lock:
+            entry = self._residents.get(old_id)
+            if entry is None or new_id in self._residents:
+                raise ValueError(f"cannot rename {old_id!r} to {new_id!r}: not resident, or the new id is")
+            if entry.refs > 0:
+                raise ValueError(f"cannot rename {old_id!r}: {entry.refs} in-flight request(s) hold it")
+            order = list(self._residents)
+            self._residents = OrderedDict((new_id if key == old_id else key, value) for key, value in
+                                          ((key, self._residents[key]) for key in order))
+            return entry.slot
+
     def slots(self) -> dict[str, int]:
         """adapter id -> slot of every resident adapter; a lookup only (no LRU bump, no hit)."""
         with self._lock:

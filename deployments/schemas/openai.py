@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP bodies: completion and chat requests in, whole responses out, the
 model list.
 
-Requests are validated here, at the edge (pydantic; a bad body is a 422). Fields that OpenAI
-clients send but this server does not act on (`user`, `logprobs`, `presence_penalty`, ...) are
-ignored rather than refused, because the SDKs send many of them by default. Sampling fields take
+Requests are validated here, at the edge (pydantic; a bad body is a 422). Besides OpenAI's fields,
+vLLM's extensions that serving clients send are taken: `ignore_eos`, `min_tokens`, `top_k`,
+`repetition_penalty`, `stop_token_ids`. Fields that clients send but this server does not act on
+(`user`, `logprobs`, `presence_penalty`, ...) are ignored rather than refused, because the SDKs
+send many of them by default. Sampling fields take
 their bounds and defaults from `deployments.contracts` (one definition each). Limits that depend
 on the engine's settings (max_tokens against `max_new_tokens`, prompt length against
 `max_seq_len`) are not known here: the engine checks them and answers 400.
@@ -27,10 +29,14 @@ from deployments.contracts import (
     ChatTurn,
     GenerationChunk,
     GenerationRequest,
+    MinTokens,
+    RepetitionPenalty,
     SamplingParams,
     Seed,
     StopStrings,
+    StopTokenIds,
     Temperature,
+    TopK,
     TopP,
 )
 
@@ -71,6 +77,12 @@ class SamplingFields(BaseModel):
     seed: Seed | None = None
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP_STRINGS} strings that end the text")
     stream: bool = Field(False, description="answer with server-sent events, one chunk per text delta")
+    # vLLM's extensions, which its clients (and `vllm bench serve`) send
+    ignore_eos: bool = Field(False, description="run to max_tokens even past end of sequence")
+    min_tokens: MinTokens = 0
+    top_k: TopK = 0
+    repetition_penalty: RepetitionPenalty = 1.0
+    stop_token_ids: StopTokenIds | None = None
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="choices per request; only 1 is supported")
 
@@ -87,7 +99,8 @@ class SamplingFields(BaseModel):
     def _sampling(self, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
-            stop=tuple(self.stop or ()),
+            stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty, stop_token_ids=tuple(self.stop_token_ids or ()),
         )
 
 

@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 from peft import PeftModel
 
-from deployments.engine.generation import compiled_graph_count
+from benchmarks.common import graphs_compiled
 from lora_core.checkpoint import read_checkpoint
 from tests.support.adapters import fresh_tiny_model
 from tests.support.requests import request
@@ -37,31 +37,25 @@ def test_fp32_on_cuda_matches_eager_peft(engine_factory, adapter_factory):
 
 def test_compiled_bf16_decode_serves_swaps_and_mixes_without_recompiling(engine_factory, adapter_factory):
     folders = [adapter_factory(f"a{i}", seed=i, r=[2, 4, 8, 16][i % 4]) for i in range(6)]
-    compiled = engine_factory(device="cuda", compile="on", num_slots=4, max_batch_size=8)
-    eager = engine_factory(device="cuda", compile="off", num_slots=4, max_batch_size=8)
+    compiled = engine_factory(device="cuda", compile="on", num_slots=4, max_num_seqs=8)
+    eager = engine_factory(device="cuda", compile="off", num_slots=4, max_num_seqs=8)
     for engine in (compiled, eager):
         for index, folder in enumerate(folders):
             engine.register_adapter(f"t/a{index}", folder)
     prepared = [compiled.slot_model.prepare(read_checkpoint(folder)) for folder in folders]
-    before = compiled_graph_count()
+    before = graphs_compiled()
     rng = random.Random(0)
     with torch._dynamo.config.patch(error_on_recompile=True):
 
         def swap_and_mix():
-            generator = compiled.generator
+            runner = compiled.runner
             for _ in range(1000):
                 compiled.slot_model.write_slot(rng.randint(1, 4), rng.choice(prepared))
-                batch = rng.choice(generator.buckets)
-                mask = torch.zeros((batch, 1, 1, generator.max_seq_len), dtype=torch.bool, device="cuda")
-                mask[..., 0] = True
-                logits = generator._decode(
-                    torch.randint(0, 200, (batch, 1), device="cuda"),
-                    torch.zeros((batch, 1), dtype=torch.long, device="cuda"),
-                    mask,
-                    torch.tensor([rng.randint(0, 4) for _ in range(batch)], device="cuda"),
-                    generator._cache(batch),
-                )
-                assert torch.isfinite(logits).all()
+                rows = rng.randint(1, compiled.kv_cache.lanes)
+                batch = runner.batch(rows, 1, pad_id=0)
+                for row in range(rows):
+                    batch.set_row(row, [rng.randint(0, 200)], rng.randint(0, 100), rng.randint(0, 4))
+                assert torch.isfinite(runner.run(0, batch)).all()
 
         compiled.scheduler.call(swap_and_mix)
         for round_index in range(6):
@@ -71,4 +65,4 @@ def test_compiled_bf16_decode_serves_swaps_and_mixes_without_recompiling(engine_
                 handles = [engine.submit(request(f"round {round_index}", a, max_tokens=8)) for a in adapters]
                 texts.append([handle.result() for handle in handles])
             assert [c.completion_tokens for c in texts[0]] and all(c.completion_tokens for c in texts[0])
-    assert compiled_graph_count() == before
+    assert graphs_compiled() == before

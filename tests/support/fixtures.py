@@ -14,7 +14,7 @@ from lora_core.settings import EngineConfig, SourceInput, StoreConfig
 from tests.support.adapters import make_peft_adapter
 from tests.support.leaks import no_new_threads
 
-TINY_ENGINE = {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 4, "max_batch_size": 4, "max_seq_len": 128}
+TINY_ENGINE = {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 4, "max_num_seqs": 4, "max_seq_len": 128}
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from tests.support.requests import request
 
 pytestmark = pytest.mark.integration
 
-ENGINE = EngineConfig(base_model="tiny-random-llama", compile="off", num_slots=2, max_batch_size=4,
+ENGINE = EngineConfig(base_model="tiny-random-llama", compile="off", num_slots=2, max_num_seqs=4,
                       max_seq_len=64, max_new_tokens=8)
 
 

@@ -35,7 +35,7 @@ def lora_replicas(tmp_path_factory):
         "base_model": "tiny-random-llama",
         "compile": "off",
         "num_slots": 2,
-        "max_batch_size": 2,
+        "max_num_seqs": 2,
         "max_seq_len": 64,
         "max_new_tokens": 8,
         "adapters": folders,

@@ -26,7 +26,7 @@ def replica_settings(adapters: dict[str, str]) -> dict:
         "base_model": BASE_MODEL,
         "compile": "off",
         "num_slots": 2,
-        "max_batch_size": 4,
+        "max_num_seqs": 4,
         "max_seq_len": MAX_SEQ_LEN,
         "max_new_tokens": MAX_NEW_TOKENS,
         "adapters": adapters,

@@ -53,7 +53,7 @@ def served(folders):
             "max_queued_requests": 2,
             "tenants": demo_tenants_config().model_dump(mode="json"),
             "replica": {
-                "base_model": BASE_MODEL, "compile": "off", "num_slots": 2, "max_batch_size": 2,
+                "base_model": BASE_MODEL, "compile": "off", "num_slots": 2, "max_num_seqs": 2,
                 "max_seq_len": 128, "max_new_tokens": 64,
                 "store": {"name": "tenants-test-store", "root": str(folders["store"]), "sync_interval_s": 1.0,
                           "sources": [{"uri": str(folders["source"])}]},

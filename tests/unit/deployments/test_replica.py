@@ -11,7 +11,7 @@ from tests.support.requests import request
 
 
 def settings(adapters: dict, **changes) -> dict:
-    base = {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 2, "max_batch_size": 2,
+    base = {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 2, "max_num_seqs": 2,
             "max_seq_len": 64, "max_new_tokens": 16, "torch_threads": 2, "adapters": adapters}
     return {**base, **changes}
 

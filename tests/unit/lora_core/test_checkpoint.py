@@ -345,7 +345,7 @@ def test_refusal_is_typed_with_reason_and_message(build, reason, fragment, setti
     assert info.value.reason == reason, str(info.value)
     assert fragment in str(info.value)
     assert engine.residency.warm_versions().get("acme/bad") is None
-    assert "acme/bad" not in engine.residency.pool
+    assert engine.residency.placement("acme/bad") is None
     with pytest.raises(AdapterNotFoundError):
         engine.submit(request("hi", "acme/bad"))
 
@@ -428,7 +428,7 @@ def test_refused_update_leaves_slots_versions_and_logits_untouched(make, tmp_pat
     adapters = ["acme/good", "acme/other", None]
     before = engine.forward_logits(INPUT_IDS, adapters)
     buffers = _slot_buffers(engine)
-    warm = set(engine.residency.pool.snapshot().warm)
+    warm = set(engine.residency.pool_snapshot().warm)
     assert (before[0] - before[2]).abs().max() > 1e-2  # the adapter does something
     reloads = engine.residency.host_cache.snapshot().misses
 
@@ -437,9 +437,9 @@ def test_refused_update_leaves_slots_versions_and_logits_untouched(make, tmp_pat
         with pytest.raises(InvalidAdapterError):
             engine.register_adapter("acme/good", bad)
         assert engine.residency.warm_versions().get("acme/good") == version
-        assert engine.residency.pool.slot_of("acme/good") == good_slot
-        assert engine.residency.pool.slot_of("acme/other") == other_slot
-        assert set(engine.residency.pool.snapshot().warm) == warm
+        assert engine.residency.placement("acme/good").slot == good_slot
+        assert engine.residency.placement("acme/other").slot == other_slot
+        assert set(engine.residency.pool_snapshot().warm) == warm
         after = engine.forward_logits(INPUT_IDS, adapters)
         assert torch.equal(after, before), f"case {index} ({build.__name__}) changed the logits"
         for name, tensor in _slot_buffers(engine).items():

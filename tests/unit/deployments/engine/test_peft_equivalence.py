@@ -224,7 +224,7 @@ def test_swap_in_place_leaves_nothing_of_the_previous_adapter(first, second, api
 
     assert version != old_version
     assert engine.residency.warm_versions().get("acme/a") == version
-    assert engine.residency.pool.slot_of("acme/a") == slot and engine.residency.pool.slot_of("acme/b") == other
+    assert engine.residency.placement("acme/a").slot == slot and engine.residency.placement("acme/b").slot == other
     _assert_slot_holds_only(engine, slot, folder)
     rows = [second, None, "r8"]
     assert_rows_match(engine.forward_logits(INPUT_IDS[:3], adapters), expected_rows(rows, variants, base_logits), "after swap")
@@ -238,9 +238,9 @@ def test_one_slot_pool_evicts_and_swaps_cleanly(first, second, variants, base_lo
     for adapter, variant in [("acme/x", first), ("acme/y", second), ("acme/x", first), ("acme/y", second)]:
         logits = engine.forward_logits(INPUT_IDS[:2], [adapter, None])
         assert_rows_match(logits, expected_rows([variant, None], variants, base_logits), f"{adapter} ({variant})")
-        assert engine.residency.pool.slot_of(adapter) == 1
+        assert engine.residency.placement(adapter).slot == 1
         _assert_slot_holds_only(engine, 1, variants[variant][0])
-    snapshot = engine.residency.pool.snapshot()
+    snapshot = engine.residency.pool_snapshot()
     assert snapshot.evictions == 3 and snapshot.warm == ("acme/y",)
 
 
@@ -270,7 +270,7 @@ def test_delete_zeroes_the_slot_and_touches_nothing_else(variants, base_logits, 
 
     engine.delete_adapter("acme/b")
 
-    assert "acme/b" not in engine.residency.pool and engine.residency.warm_versions().get("acme/b") is None
+    assert engine.residency.placement("acme/b") is None and engine.residency.warm_versions().get("acme/b") is None
     for name, (lora_a, lora_b) in _slot_rows(engine, doomed).items():
         assert not lora_a.any() and not lora_b.any(), f"{name}: deleted slot {doomed} not zeroed"
     for slot in range(engine.residency.pool.num_slots + 1):
@@ -343,7 +343,7 @@ def test_greedy_generation_matches_peft_generate_per_row(tmp_path):
         assert len(tokens) == max_tokens
     assert len({tuple(tokens) for tokens in expected}) == len(expected)  # every adapter writes its own text
 
-    config = EngineConfig(base_model="tiny-random-llama", compile="off", num_slots=4, max_batch_size=8, max_seq_len=64, batch_wait_ms=500)
+    config = EngineConfig(base_model="tiny-random-llama", compile="off", num_slots=4, max_num_seqs=8, max_seq_len=64, batch_wait_ms=500)
     engine = Engine(config, base=base)
     try:
         for seed, folder in folders.items():
@@ -353,7 +353,7 @@ def test_greedy_generation_matches_peft_generate_per_row(tmp_path):
             for (seed, _, n), ids in zip(GENERATION_ROWS, prompts)
         ]
         results = [handle.result() for handle in handles]
-        assert engine.scheduler.batches_run == 1  # one mixed batch: four adapters and a base row
+        assert engine.stats()["peak_rows"] == len(GENERATION_ROWS)  # one mixed batch: four adapters and a base row
     finally:
         engine.close()
 

@@ -52,7 +52,7 @@ def test_placements_say_where_every_version_is(engine_factory, store, folders):
     local_version = engine.register_adapter("acme/local", folders["acme/a0"])
     assert engine.residency.placements() == {"acme/local": Placement("acme/local", None, local_version, "local")}
     engine.generate("hi", "acme/a1", max_tokens=2, temperature=0)  # through the store, into a slot
-    slot = engine.residency.pool.slot_of("acme/a1")
+    slot = engine.residency.placement("acme/a1").slot
     placements = engine.residency.placements()
     assert placements["acme/a1"] == Placement("acme/a1", slot, version_of(folders["acme/a1"]), "store")
     assert engine.residency.warm_versions() == {"acme/a1": version_of(folders["acme/a1"])}

@@ -1,9 +1,9 @@
-"""Text streaming, stop strings, buckets and sampling settings (no engine thread)."""
+"""Text streaming and stop strings (no engine thread)."""
 
 import pytest
 
 from deployments.engine.base_model import BaseModelSpec, load_base_model
-from deployments.engine.generation import TextStream, batch_buckets
+from deployments.engine.text_stream import TextStream
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,3 @@ def test_earliest_of_several_stop_strings_wins(tokenizer):
 def test_held_back_prefix_is_released_when_it_does_not_complete(tokenizer):
     sent, stopped = stream_text(tokenizer, "ST then more", stop=["STOP"])
     assert not stopped and "".join(sent) == "ST then more"
-
-
-@pytest.mark.parametrize(
-    ("max_batch", "expected"),
-    [(1, (2,)), (2, (2,)), (3, (2, 3)), (4, (2, 4)), (8, (2, 4, 8)), (12, (2, 4, 8, 12))],
-)
-def test_batch_buckets(max_batch, expected):
-    assert batch_buckets(max_batch) == expected
