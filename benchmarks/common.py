@@ -289,6 +289,13 @@ def adapter_files(adapter: SyntheticAdapter, base_model_name: str | None = None)
     return {ADAPTER_CONFIG_FILE: json.dumps(config, indent=2).encode(), ADAPTER_WEIGHTS_FILE: weights}
 
 
+def make_serve_config() -> dict:
+    """serve_config.yaml as `make serve` deploys it (the serving benchmarks start from it)."""
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+
+
 def engine_model_name(model: str) -> str:
     """`--model` -> the EngineConfig.base_model the replicas serve (no llama-1b: it has no name there)."""
     from deployments.engine.base_model import SMOLLM2_NAME, TINY_NAME

@@ -5,7 +5,7 @@
 
 Servers (one at a time, each with the whole machine, each stopped before the next starts):
   lora_serve       `python -m cluster.serve_local` on a serve config written from serve_config.yaml
-                   (the `make serve` settings: 2 replicas x 1 CPU, 8 slots, max batch 8), with
+                   (the `make serve` settings: replicas, CPUs, slots, `max_num_seqs`), with
                    `demo_adapters: false`, no auth, and the adapter store watching a temp root of
                    `--adapters` random rank-16 PEFT LoRA adapters (q,k,v,o; `bench/a0`, `bench/a1`,
                    ...), synced every second. Each request names a random adapter.
@@ -27,9 +27,10 @@ request) when the vLLM venv is installed, else a built-in client (httpx + asynci
 metrics: output tok/s over the run, TTFT, TPOT = (latency - TTFT) / (tokens - 1)); c always uses
 the built-in one. Every server gets an untimed warm-up first (one short request per adapter).
 
-Note: this server's HTTP schema does not read `ignore_eos` (vLLM's does), so its answers may stop
-at eos before `--output-len`; `output_tokens_mean` per workload shows it, and tok/s counts the
-tokens actually produced.
+Both servers read `ignore_eos`, so every answer has `--output-len` tokens (`output_tokens_mean`
+shows it). After the servers, `benchmarks.engine_load` runs this engine alone in process on one
+replica's share of workload a, with LoRA and on the base model: the JSON line's `engine`,
+`tokens_per_s_lora_vs_base` and `recompiles` (graphs compiled after warm-up; goal 0).
 
 Logs: each vLLM server's log and each `vllm bench serve` log + --save-result JSON go to
 .cache/vllm/logs/<start time>/ (the JSON line's `logs`); this server's log lives in the run's temp
@@ -37,7 +38,8 @@ folder and its tail is printed if it fails.
 
 Goals (reported, not enforced): a: lora_serve tok/s >= 4x vllm_lora and >= 0.9x vllm_base;
 b: lora_serve TTFT p50 <= 1.5x vllm_base's and p99 <= 2 s; c: lora_serve's short p99 under load
-<= 2x alone; 0 failed requests everywhere. Prints ONE JSON line last on stdout.
+<= 2x alone; 0 failed requests everywhere; the engine's LoRA >= 0.9x its base. Prints ONE JSON
+line last on stdout.
 
 vLLM install (once, ~3.4 GB, recorded in .cache/vllm/installed.json):
     python3 -m venv .cache/vllm/venv
@@ -64,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common
+from benchmarks import common, engine_load
 from benchmarks.common import REPO_ROOT, log, percentile, rounded
 
 __all__ = ["main"]
@@ -302,9 +304,7 @@ def wait_ready(server: ServerProcess, url: str, names: list[str], timeout_s: flo
 
 def serve_config(args, engine_model: str, port: int, adapters_root: Path, store_root: Path) -> dict:
     """serve_config.yaml (the `make serve` settings) with the benchmark's changes."""
-    import yaml
-
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    config = common.make_serve_config()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     application = config["applications"][0]
     app_args = application["args"]
@@ -315,6 +315,8 @@ def serve_config(args, engine_model: str, port: int, adapters_root: Path, store_
     replica["base_model"] = engine_model
     if args.device:
         replica["device"] = args.device
+    if args.max_num_seqs:
+        replica["max_num_seqs"] = args.max_num_seqs
     replica["adapters"] = {}
     replica["store"] = {
         "root": str(store_root), "sync_interval_s": 1, "sources": [{"uri": str(adapters_root)}],
@@ -858,8 +860,9 @@ def _parse(argv: list[str] | None):
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated, from {SERVERS}")
     p.add_argument("--workloads", default="a,b,c", help="comma-separated, from a,b,c")
     p.add_argument("--adapters", type=int, default=8, help="random rank-16 adapters (default 8)")
-    p.add_argument("--replicas", type=int, default=2, help="this server's replicas (make serve: 2)")
-    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (make serve: 1)")
+    p.add_argument("--replicas", type=int, default=None, help="this server's replicas (default: serve_config.yaml's)")
+    p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per replica (default: serve_config.yaml's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="rows a replica decodes together (default: serve_config.yaml's)")
     p.add_argument("--requests-a", type=int, default=None, help="workload a: requests at once (64; --quick 32)")
     p.add_argument("--requests-b", type=int, default=None, help="workload b: Poisson requests (32; --quick 12)")
     p.add_argument("--rate", type=float, default=1.0, help="workload b: arrivals per second")
@@ -886,6 +889,9 @@ def _parse(argv: list[str] | None):
     args.background = args.background if args.background is not None else (4 if args.quick else 8)
     if args.adapters < 1:
         raise SystemExit("--adapters: at least 1")
+    app_args = common.make_serve_config()["applications"][0]["args"]
+    args.replicas = args.replicas or app_args["num_replicas"]
+    args.replica_cpus = args.replica_cpus or app_args["replica_num_cpus"]
     cpus = os.cpu_count() or 1
     if args.replicas * args.replica_cpus > cpus:
         raise SystemExit(f"--replicas {args.replicas} x --replica-cpus {args.replica_cpus} > {cpus} CPUs: Serve could not place them")
@@ -930,6 +936,12 @@ def main(argv: list[str] | None = None) -> dict:
             result, stray = bench_vllm(name, args, model_dir, engine_model, adapters, prompts, log_dir, log_dir)
             servers[name] = result
             left += stray
+        engine = None
+        if ours:  # the engine's own LoRA cost and recompiles, in process, on one replica's share of workload a
+            config = engine_load.replica_settings(engine_model, args.max_num_seqs, max(1, int(args.replica_cpus)),
+                                                  args.device)
+            share = max(1, args.requests_a // args.replicas)
+            engine = engine_load.measure(config, adapters_root, adapter_ids, prompts[:share], args.output_len, args.seed)
 
     results = {
         "engine_model": engine_model,
@@ -950,6 +962,9 @@ def main(argv: list[str] | None = None) -> dict:
         "output_len": args.output_len,
         "servers": servers,
         **comparisons(servers),
+        "engine": engine,
+        "tokens_per_s_lora_vs_base": engine and engine["tokens_per_s_lora_vs_base"],
+        "recompiles": engine and engine["recompiles"],
         "processes_left": sorted(set(left)),
         "logs": str(log_dir) if log_dir.is_dir() else None,
     }

@@ -132,7 +132,7 @@ class RoutingStats:
     queue_len: int = 0
     """Requests queued or running."""
     pending_loads: int = 0
-    """Queued requests that wait for their adapter to load."""
+    """Adapters that queued requests wait for (one load each, however many requests)."""
     num_slots: int = 0
 
     def __post_init__(self) -> None:

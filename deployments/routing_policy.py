@@ -44,8 +44,8 @@ class ReplicaView:
     """The adapter a miss here would evict (its least recently used resident that no request
     holds), or None when unknown or a slot is free."""
     pending_loads: int = 0
-    """Requests in `queue_len` that must load their adapter before they run: each makes the
-    wait `miss_cost` longer than a hit would."""
+    """Adapter loads the replica must do before some of its queued requests run: each makes the
+    wait `miss_cost` longer than a hit would (requests for one adapter share its load)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.replica_id, str) or not self.replica_id:

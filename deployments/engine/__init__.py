@@ -1,5 +1,5 @@
 """The replica engine: one base model, N LoRA slots on one (optionally compiled) graph, batched
-generation across adapters. Usable without Ray:
+continuous batching across adapters. Usable without Ray:
 
     from deployments.engine import Engine
     from lora_core.settings import EngineConfig
@@ -8,9 +8,12 @@ generation across adapters. Usable without Ray:
 
     engine        Engine: the facade (adapters, requests, stats)
     residency     AdapterResidency: which adapter version is where (slots, host cache, folders)
-    scheduler     Scheduler: the loop thread that runs commands and batches in turn
+    scheduler     Scheduler: the loop thread: commands, then admit, prefill a chunk, decode a step
     handles       RequestHandle: stream, await or cancel one request
-    generation    BatchGenerator: a batch on a static KV cache, per-row slots and sampling
+    kv_cache      LaneKVCache: one KV lane per running sequence, within a byte budget
+    model_runner  ModelRunner: a prefill chunk or a decode step over the lanes, each row on its slot
+    sampling      per-row temperature, top-p/top-k, repetition penalty and seeds, one call per step
+    text_stream   TextStream: incremental detokenizing and stop strings for one request
     slot_lora     SlotLoraModel: stacked per-slot LoRA weights, swaps as in-place copies
     slots         SlotPool: the LRU of hotswap slots (pure Python)
     host_cache    HostCache: prepared adapters in host memory, bounded by bytes (pure Python)

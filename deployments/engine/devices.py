@@ -21,5 +21,7 @@ def resolve_dtype(config: EngineConfig) -> torch.dtype | None:
 
 
 def compile_enabled(config: EngineConfig) -> bool:
-    """`compile: auto` compiles on CUDA only: on CPU a first compile takes tens of seconds per bucket."""
+    """`compile: auto` compiles on CUDA only. On CPU, measured under this scheduler (SmolLM2 fp32, 16
+    rows, one thread), the compiled decode step was slower than eager (320 vs 234 ms at context
+    128, 704 vs 261 ms at 256) and each (rows, context) bucket took about 2 minutes to compile."""
     return config.compile == "on" or (config.compile == "auto" and resolve_device(config) == "cuda")

@@ -172,7 +172,7 @@ class Engine:
                         slot, key = residency.acquire(adapter_id, entries[adapter_id])
                         slots.append(slot)
                         held.append(key)
-                self.slot_model.set_slot_ids(torch.tensor(slots), input_ids.shape[1])
+                self.slot_model.set_slot_ids(torch.tensor(slots), input_ids.shape[1], loop_rows=True)
                 with torch.no_grad():
                     return self.base.model(input_ids=input_ids.to(self.slot_model.device)).logits.float().cpu()
             finally:
@@ -203,11 +203,11 @@ class Engine:
         """What a router needs to place the next request here (`routing_policy.ReplicaView`)."""
         snapshot = self.residency.pool_snapshot()
         pending = self.scheduler.waiting()
-        waiting_for_load = [
+        waiting_for_load = {
             h.adapter_id for h in pending if h.adapter_id is not None and not self.residency.is_cached(h.adapter_id)
-        ]
+        }  # one load each, however many requests wait for it
         return RoutingStats(
-            warm=tuple(sorted(set(snapshot.warm) | set(waiting_for_load))),
+            warm=tuple(sorted(set(snapshot.warm) | waiting_for_load)),
             free_slots=snapshot.free_slots,
             evictable_slots=snapshot.evictable_slots,
             next_victim=snapshot.next_victim,

@@ -12,9 +12,10 @@ Lanes are kept packed by the scheduler (`move`): decoding sequences first, then 
 prefilled, then the free lanes. The lane count is `min(max_num_seqs, kv_cache_bytes // lane_bytes)`:
 when every lane is taken, new requests wait.
 
-Per-row lanes were chosen over paged blocks by measurement: on CPU, attention over gathered
-blocks pays a gather of every key and value per layer per step, while lanes are views; what lanes
-lose is memory (a lane is reserved for `max_seq_len` tokens), which the byte budget bounds.
+Per-row lanes rather than paged blocks, by measurement (`python -m benchmarks.kv_layout`): on CPU,
+without a paged-attention kernel, attention over 16-token blocks pays a gather of every key and
+value per layer per step, 1.8-4.7x the attention time of lane views at 16-64 rows (BENCHMARKS.md).
+What lanes lose is memory (a lane is reserved for `max_seq_len` tokens), which the byte budget bounds.
 """
 
 from __future__ import annotations

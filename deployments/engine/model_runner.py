@@ -62,7 +62,7 @@ class ModelRunner:
     def __init__(
         self,
         model,
-        set_slot_ids: Callable[[torch.Tensor, int], None],
+        set_slot_ids: Callable[[torch.Tensor, int, bool], None],
         kv_cache: LaneKVCache,
         compile_decode: bool,
         compile_mode: str = "default",
@@ -89,7 +89,8 @@ class ModelRunner:
         tokens = batch.token_ids.shape[1]
         forward = self._decode if tokens == 1 and first_lane == 0 else self._forward
         device = self.device
-        self.set_slot_ids(batch.slot_ids, tokens)  # here: a compiled region must not branch on it
+        prefill = tokens > 1  # always eager, so its LoRA may loop over rows
+        self.set_slot_ids(batch.slot_ids, tokens, prefill)  # here: a compiled region must not branch on it
         return forward(
             batch.token_ids.to(device),
             batch.positions.to(device),

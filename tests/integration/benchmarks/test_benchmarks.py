@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from benchmarks import cold_load, mixed_batch, propagation, swap
+from benchmarks import cold_load, engine_load, kv_layout, mixed_batch, propagation, swap
 
 COMMON_KEYS = ("device", "model", "quick", "torch", "threads", "dtype", "wall_s")
 
@@ -77,6 +77,31 @@ def test_mixed_batch_benchmark_prints_every_key(capsys):
     assert line["generated_tokens_per_rep"] == {"mixed": [32], "base": [32], "peft_mixed": [32]}
     # fp32 greedy: the slot engine and PEFT's adapter_names path write the same text for every row
     assert line["rows_equal_to_peft"] == 8
+
+
+def test_engine_load_benchmark_prints_every_key(capsys):
+    returned = engine_load.main(["--model", "tiny", "--quick", "--threads", "1", "--adapters", "3", "--requests", "6",
+                                 "--max-num-seqs", "4", "--output-len", "5"])
+    line = last_json_line(capsys)
+    assert line == json.loads(json.dumps(returned))
+    for key in COMMON_KEYS:
+        assert key in line
+    for burst in ("lora", "base"):
+        assert line[burst]["requests"] == 6 and line[burst]["output_tokens"] == 30, burst  # ignore_eos: all 5 each
+        assert positive(line[burst]["output_tok_s"]), burst
+    assert positive(line["tokens_per_s_lora_vs_base"])
+    assert line["max_num_seqs"] == 4 and line["kv_lanes"] == 4 and line["peak_rows"] == 4  # 6 requests, 4 at a time
+    assert line["compiled"] is False and line["recompiles"] == 0  # compile: auto is off on CPU
+
+
+def test_kv_layout_benchmark_prints_every_key(capsys):
+    returned = kv_layout.main(["--quick", "--threads", "1"])
+    line = last_json_line(capsys)
+    assert line == json.loads(json.dumps(returned))
+    assert [(step["rows"], step["context"]) for step in line["steps"]] == list(kv_layout.SHAPES)
+    for step in line["steps"]:
+        assert positive(step["lanes_ms"]) and positive(step["paged_ms"]), step
+    assert isinstance(line["lanes_faster_everywhere"], bool)
 
 
 @pytest.mark.parametrize("module", [swap, mixed_batch])

@@ -75,6 +75,11 @@ def test_serving_benchmark_prints_every_key(capsys):
     assert line["tput_vs_vllm_lora"] is None and line["goal_a_tput"] is None and line["goal_b_ttft"] is None
     assert isinstance(line["goal_c_short_not_blocked"], bool) and isinstance(line["goal_b_ttft_p99_le_2s"], bool)
     assert line["failed_total"] == 0 and line["goal_zero_failed"] is True
+    engine = line["engine"]  # the engine alone, in process, on one replica's share of workload a (12 // 2)
+    assert engine["lora"]["requests"] == 6 and engine["lora"]["output_tokens"] == 6 * 8
+    assert positive(engine["base"]["output_tok_s"])
+    assert line["tokens_per_s_lora_vs_base"] == engine["tokens_per_s_lora_vs_base"] and positive(line["tokens_per_s_lora_vs_base"])
+    assert line["recompiles"] == 0
     assert line["processes_left"] == []
     assert not common.ray_processes_left()
 

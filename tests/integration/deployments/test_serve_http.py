@@ -206,6 +206,14 @@ BAD_REQUESTS = [
     ("max_tokens over the limit, streamed", "/v1/chat/completions", {"model": "acme/pirate", **CHAT, "max_tokens": 10_000, "stream": True}, 400, "invalid_request"),
     ("prompt too long", "/v1/completions", {"model": BASE_MODEL, "prompt": "x" * MAX_SEQ_LEN, "max_tokens": 4}, 400, "invalid_request"),
     ("chat too long", "/v1/chat/completions", {"model": "acme/pirate", "messages": [{"role": "user", "content": "y" * MAX_SEQ_LEN}]}, 400, "invalid_request"),
+    # vLLM's extensions, validated like OpenAI's fields
+    ("top_k below -1", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "top_k": -2}, 422, "invalid_request_body"),
+    ("repetition_penalty 0", "/v1/chat/completions", {"model": BASE_MODEL, **CHAT, "repetition_penalty": 0}, 422, "invalid_request_body"),
+    ("min_tokens negative", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "min_tokens": -1}, 422, "invalid_request_body"),
+    ("stop_token_ids negative", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "stop_token_ids": [-3]}, 422, "invalid_request_body"),
+    ("65 stop_token_ids", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "stop_token_ids": list(range(65))}, 422, "invalid_request_body"),
+    ("min_tokens over max_tokens", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "invalid_request"),
+    ("ignore_eos not a bool", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "ignore_eos": "sometimes"}, 422, "invalid_request_body"),
 ]
 
 
@@ -216,6 +224,18 @@ def test_bad_input_gets_its_status_and_a_json_error(http, name, path, body, stat
     assert response.headers["content-type"] == "application/json"
     error = response.json()["error"]
     assert error["type"] == error_type and error["message"]
+
+
+def test_vllm_extensions_reach_the_engine(http):
+    """`ignore_eos` runs to `max_tokens` (what `vllm bench serve` relies on), `min_tokens` holds the
+    end off, and a sampled request with `top_k: 1` is greedy, whatever the temperature."""
+    exact = complete(http, model="acme/pirate", max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    assert exact["usage"]["completion_tokens"] == MAX_NEW_TOKENS and exact["choices"][0]["finish_reason"] == "length"
+    at_least = complete(http, model=BASE_MODEL, max_tokens=10, min_tokens=10, repetition_penalty=1.3)
+    assert at_least["usage"]["completion_tokens"] == 10
+    greedy = complete(http, model="globex/poet", max_tokens=8)
+    top_one = complete(http, model="globex/poet", max_tokens=8, temperature=1.5, top_k=1, seed=3)
+    assert top_one["choices"][0]["text"] == greedy["choices"][0]["text"]
 
 
 def test_a_body_that_is_not_json_is_422(http):

@@ -78,3 +78,18 @@ def test_rows_of_different_lengths_and_slots_share_a_step(runner_and_reference):
     logits = runner.run(0, step)
     for row, (ids, slot) in enumerate(zip(prompts, slots)):
         torch.testing.assert_close(logits[row], reference_logits(models, slot, ids + [nexts[row]])[-1], rtol=0, atol=1e-4)
+
+
+def test_only_a_prefill_loops_over_its_rows(runner_and_reference, monkeypatch):
+    """The per-row LoRA loop is for eager prefill chunks; a decode step (maybe compiled, where
+    the loop would be traced once per mix of slots) uses the slot kernels."""
+    runner, _ = runner_and_reference
+    seen = []
+    set_slot_ids = runner.set_slot_ids
+    monkeypatch.setattr(runner, "set_slot_ids",
+                        lambda slot_ids, tokens, loop_rows: (seen.append((tokens, loop_rows)), set_slot_ids(slot_ids, tokens, loop_rows)))
+    for tokens in (4, 1):
+        batch = runner.batch(2, tokens, pad_id=0)
+        batch.set_row(0, [9] * tokens, 0, 1)
+        runner.run(0, batch)
+    assert seen == [(4, True), (1, False)]
