@@ -4,8 +4,9 @@ import asyncio
 
 import pytest
 
+from benchmarks.common import wait_until
 from deployments.replica import LoraReplica
-from lora_core.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
+from lora_core.errors import AdapterNotFoundError, EngineClosedError, InvalidAdapterError, InvalidRequestError
 from tests.support.leaks import no_new_threads
 from tests.support.requests import request
 
@@ -86,3 +87,35 @@ def test_chat_without_max_tokens_fills_what_the_prompt_leaves(replica):
     result = run(replica.generate(request(messages=messages)))  # no max_tokens
     assert result.prompt_tokens == prompt_tokens
     assert result.completion_tokens <= 40 - prompt_tokens
+
+
+def test_a_stream_its_caller_abandons_frees_the_row(replica):
+    """A client that disconnects closes the stream: its row leaves at the next step, and the
+    next request gets the only lane."""
+    replica.reconfigure(settings({}, max_num_seqs=1, max_new_tokens=16))
+
+    async def abandon_then_ask() -> int:
+        stream = replica.stream(request("a long one", None, max_tokens=16, ignore_eos=True))
+        await anext(stream)
+        await stream.aclose()  # what Serve does when the HTTP client goes away
+        return (await replica.generate(request("next", None, max_tokens=2, ignore_eos=True))).completion_tokens
+
+    assert run(abandon_then_ask()) == 2
+    wait_until(lambda: replica._engine.scheduler.running == 0, 5, "the abandoned row to leave")
+    assert replica._engine.stats()["tokens_generated"] < 16 + 2  # the long one stopped early
+
+
+def test_the_health_check_fails_once_the_engine_loop_has_died(replica, monkeypatch):
+    replica.reconfigure(settings({}))
+    replica.check_health()  # alive
+    scheduler = replica._engine.scheduler
+
+    def broken_iteration():
+        raise SystemError("a bug in the loop")
+
+    monkeypatch.setattr(scheduler, "_iteration", broken_iteration)
+    with pytest.raises(EngineClosedError):
+        run(replica.generate(request("x", None, max_tokens=2)))
+    wait_until(lambda: not scheduler.alive, 5, "the loop to be reported dead")
+    with pytest.raises(EngineClosedError, match="not running"):
+        replica.check_health()
