@@ -31,6 +31,7 @@ from typing import Any, Optional
 import ray
 
 from adapters_store.change_feed import ChangeFeed
+from adapters_store.merge_spec import MergeSpec
 from adapters_store.registry import AdapterRecord
 from adapters_store.syncer import AdapterSyncer
 from lora_core.changes import AdapterChange, ChangeBatch
@@ -79,10 +80,13 @@ class AdapterStore:
     def register(self, adapter_id: str, uri: str, options: Optional[dict] = None) -> dict:
         record, report = self.syncer.register(adapter_id, uri, options)
         self._publish(report.changes)
-        current = record.current
-        if current is not None and current.status == "rejected":  # whatever served before still does
-            raise InvalidAdapterError(current.reason or "refused", current.reason_code or "invalid_config")
-        return self._describe(record)
+        return self._served(record)
+
+    def merge(self, spec: dict) -> dict:
+        """A named merge (`merging.MergeSpec` as JSON), registered as a new adapter; its record."""
+        record, report = self.syncer.merge(MergeSpec.model_validate(spec))
+        self._publish(report.changes)
+        return self._served(record)
 
     def add_source(self, uri: str, options: Optional[dict] = None) -> dict:
         spec, report = self.syncer.add_source(SourceInput(uri=uri, options=options or {}))
@@ -139,6 +143,12 @@ class AdapterStore:
         now = time.monotonic()
         with self._lock:
             return {rid: dict(r.warm) for rid, r in self._replicas.items() if now - r.seen_s < REPLICA_REPORT_TTL_S}
+
+    def _served(self, record: AdapterRecord) -> dict:
+        current = record.current
+        if current is not None and current.status == "rejected":  # whatever served before still does
+            raise InvalidAdapterError(current.reason or "refused", current.reason_code or "invalid_config")
+        return self._describe(record)
 
     def _describe(self, record: AdapterRecord) -> dict:
         warm_on = sorted(rid for rid, warm in self._live_reports().items() if record.adapter_id in warm)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,9 +31,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from adapters_store.merge_spec import MERGE_RECIPE_FILE, MergeSpec
+from adapters_store.merging import merge_adapters
 from adapters_store.registry import (
     AdapterConfigSummary,
     AdapterRecord,
+    AdapterVersion,
     Clock,
     Manifest,
     Registry,
@@ -47,6 +51,7 @@ from lora_core.adapter_ids import adapter_dir, validate_adapter_id
 from lora_core.changes import AdapterChange
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
 from lora_core.errors import (
+    AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterError,
     LoraServeError,
@@ -54,6 +59,7 @@ from lora_core.errors import (
     SourceRefusedError,
     SourceUnavailableError,
 )
+from lora_core.files import publish_folder
 from lora_core.geometry import SlotGeometry
 from lora_core.peft_files import ADAPTER_CONFIG_FILE
 from lora_core.settings import SourceInput, StoreConfig
@@ -61,6 +67,9 @@ from lora_core.settings import SourceInput, StoreConfig
 __all__ = ["AdapterSyncer", "SyncReport"]
 
 logger = logging.getLogger("adapters_store.syncer")
+
+MERGED_FOLDER = "merged"
+"""Under the store's root: named merges, `<tenant>/<name>/`, each registered as its own source."""
 
 STORE_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.2, max_delay_s=2.0, total_timeout_s=5.0)
 
@@ -281,27 +290,60 @@ class AdapterSyncer:
         """(version, adapter_config.json, checkpoint) of the serving version, from the validated
         copy; a missing copy (a store moved to another node) is fetched again first."""
         with self._lock:
-            record = self.registry.get(adapter_id)
-            if record.serving is None:
-                why = f": {record.current.reason}" if record.current is not None and record.current.reason else ""
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} has no valid version to serve{why}")
-            version = record.serving
-            folder = self._version_folder(adapter_id, version.version)
-            if not folder.is_dir():
-                owner = self._owner(adapter_id)
-                if owner is not None:
-                    self._sync_spec(owner, True, SyncReport())
-                    self._save()
-                record = self.registry.get(adapter_id)
-                if record.serving is None or not self._version_folder(adapter_id, record.serving.version).is_dir():
-                    raise SourceUnavailableError(f"the serving copy of {adapter_id!r} is gone and could not be fetched again")
-                version = record.serving
-                folder = self._version_folder(adapter_id, version.version)
+            version, folder = self._serving_copy(adapter_id)
             checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
             if checkpoint.sha256 != version.sha256:
                 raise SourceUnavailableError(f"the stored copy of {adapter_id!r} does not match its recorded sha256")
             config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
             return version.version, config, checkpoint
+
+    def merge(self, spec: MergeSpec) -> tuple[AdapterRecord, SyncReport]:
+        """Build `spec.name` from the serving versions of `spec.adapters` (PEFT's merge, see
+        `merging`), write it under `<root>/merged/<tenant>/<name>/` with its recipe, and register
+        it like any adapter folder. Unknown inputs: 404; a name already registered: 409."""
+        with self._lock:
+            try:
+                self.registry.get(spec.name)
+            except AdapterNotFoundError:
+                pass
+            else:
+                raise AdapterExistsError(f"adapter {spec.name!r} already exists; delete it first or pick another name")
+            folders = [self._serving_copy(item.id)[1] for item in spec.adapters]
+            ranks = [read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes).max_rank for folder in folders]
+            destination = adapter_dir(self.root / MERGED_FOLDER, spec.name)
+
+            def write(folder: Path) -> None:
+                with tempfile.TemporaryDirectory(prefix=".merge-", dir=self.root) as scratch:
+                    merged = merge_adapters(spec, folders, ranks, self.geometry, Path(scratch))
+                    for file in merged.folder.iterdir():
+                        shutil.copy2(file, folder / file.name)
+                (folder / MERGE_RECIPE_FILE).write_text(spec.model_dump_json(indent=2))
+
+            shutil.rmtree(destination, ignore_errors=True)  # a leftover of a merge deleted since
+            publish_folder(destination, write)
+            logger.info("merged %s from %s (%s)", spec.name, [i.id for i in spec.adapters], spec.combination_type)
+        return self.register(spec.name, str(destination))
+
+    def _serving_copy(self, adapter_id: str) -> tuple[AdapterVersion, Path]:
+        """(the serving version's record, its validated local copy), fetched again if missing.
+        Call with the lock held."""
+        record = self.registry.get(adapter_id)
+        if record.serving is None:
+            why = f": {record.current.reason}" if record.current is not None and record.current.reason else ""
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} has no valid version to serve{why}")
+        version = record.serving
+        folder = self._version_folder(adapter_id, version.version)
+        if not folder.is_dir():
+            owner = self._owner(adapter_id)
+            if owner is not None:
+                self._sync_spec(owner, True, SyncReport())
+                self._save()
+            record = self.registry.get(adapter_id)
+            if record.serving is None or not self._version_folder(adapter_id, record.serving.version).is_dir():
+                raise SourceUnavailableError(f"the serving copy of {adapter_id!r} is gone and could not be fetched again")
+            version = record.serving
+            folder = self._version_folder(adapter_id, version.version)
+        return version, folder
 
     # ---- internals ----------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from adapters_store.client import StoreLookup
+from adapters_store.merge_spec import MergeSpec
 from deployments import http_errors
 from deployments.contracts import GenerationChunk, GenerationRequest
 from deployments.ray_errors import typed_ray_errors
@@ -174,6 +175,17 @@ class Router:
         records = await self._store_call("list_adapters", tenant=caller.tenant) if self.store is not None else []
         served = {r["adapter_id"] for r in records if r["serving"] is not None} | set(listing["adapters"])
         return ModelList.of(self.settings.base_model_name, [a for a in served if caller.can_see(a)])
+
+    @app.post("/v1/adapters/merge", status_code=201)
+    async def merge_adapters(self, body: MergeSpec, caller: Caller = Depends(current_caller)):
+        """A named merge (PEFT's `add_weighted_adapter`) of the caller's own and `shared/` adapters,
+        named in the caller's tenant, served like any adapter from then on."""
+        if not caller.is_admin and parse_adapter_id(body.name).tenant != caller.tenant:
+            raise ForbiddenError(f"a merge is named in your own tenant: {caller.tenant}/<name>, not {body.name!r}")
+        for item in body.adapters:
+            if not caller.can_see(item.id):
+                raise AdapterNotFoundError(f"adapter {item.id!r} not found")
+        return await self._store_call("merge", body.model_dump(mode="json"))
 
     # ---- admin ----------------------------------------------------------------------------------
 

@@ -101,6 +101,13 @@ class AdapterNotFoundError(LoraServeError):
     code = "adapter_not_found"
 
 
+class AdapterExistsError(LoraServeError):
+    """A create (a named merge) for an id that is already registered."""
+
+    status_code = 409
+    code = "adapter_exists"
+
+
 class InvalidAdapterError(LoraServeError):
     """A checkpoint refused before anything was copied; `reason` is one of `REASONS`."""
 

@@ -174,3 +174,40 @@ def test_overload_is_503_with_retry_after(http):
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.json()["error"]["type"] == "overloaded"
     assert int(rejected.headers["retry-after"]) >= 1
+
+
+MERGE = {"name": "acme/blend", "adapters": [{"id": "acme/pirate", "weight": 0.5}, {"id": "shared/french", "weight": 0.5}],
+         "combination_type": "cat"}
+BAD_MERGES = [
+    # (changes to MERGE, status, error type)
+    ({"name": "globex/blend"}, 403, "forbidden"),
+    ({"adapters": [{"id": "globex/poet", "weight": 1.0}, {"id": "shared/french", "weight": 1.0}]}, 404, "adapter_not_found"),
+    ({"adapters": [{"id": "acme/nope", "weight": 1.0}, {"id": "shared/french", "weight": 1.0}]}, 404, "adapter_not_found"),
+    ({"name": "acme/pirate", "adapters": [{"id": "shared/french", "weight": 1.0}]}, 409, "adapter_exists"),
+    ({"combination_type": "average"}, 422, "invalid_request_body"),
+    ({"combination_type": "ties", "density": 1.5}, 422, "invalid_request_body"),
+    ({"adapters": [{"id": "acme/pirate", "weight": 0}]}, 422, "invalid_request_body"),
+    ({"combination_type": "svd", "svd_rank": 32}, 400, "invalid_request"),
+]
+
+
+def test_a_named_merge_is_served_and_bad_merges_change_nothing(http):
+    before = http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"]
+    for changes, status, error_type in BAD_MERGES:
+        response = http.post("/v1/adapters/merge", headers=auth(ACME), json={**MERGE, **changes})
+        assert response.status_code == status, (changes, response.text)
+        assert response.json()["error"]["type"] == error_type, (changes, response.text)
+    after = http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"]
+    assert [(r["adapter_id"], r["serving"]) for r in after] == [(r["adapter_id"], r["serving"]) for r in before]
+
+    created = http.post("/v1/adapters/merge", headers=auth(ACME), json=MERGE)
+    assert created.status_code == 201, created.text
+    record = created.json()
+    assert record["adapter_id"] == "acme/blend" and record["status"] == "ready"
+    assert record["serving"]["config"]["rank"] == 16  # cat: 8 + 8
+    assert "acme/blend" in model_ids(http, ACME) and "acme/blend" not in model_ids(http, GLOBEX)
+    blended = complete(http, ACME, "acme/blend", temperature=0)
+    assert blended.status_code == 200, blended.text
+    again = http.post("/v1/adapters/merge", headers=auth(ACME), json=MERGE)
+    assert again.status_code == 409
+    assert http.delete("/admin/adapters/acme/blend", headers=auth(ADMIN)).status_code == 200

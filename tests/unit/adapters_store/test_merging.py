@@ -8,7 +8,8 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from adapters_store.merging import MergeSpec, merge_adapters, merged_rank
+from adapters_store.merge_spec import MergeSpec, merged_rank
+from adapters_store.merging import merge_adapters
 from lora_core.checkpoint import read_checkpoint, validate_checkpoint
 from lora_core.errors import InvalidRequestError
 from lora_core.geometry import slot_geometry
@@ -27,6 +28,7 @@ def inputs(tmp_path_factory):
         "acme/a": make_peft_adapter(root / "a", seed=1, r=4),
         "acme/b": make_peft_adapter(root / "b", seed=2, r=4, target_modules=ALL_MODULES, lora_alpha=4),
         "shared/c": make_peft_adapter(root / "c", seed=3, r=8, target_modules=ALL_MODULES),
+        "acme/causal": make_peft_adapter(root / "causal", seed=4, r=4, task_type="CAUSAL_LM"),  # as PEFT's trainers save
     }
 
 
@@ -74,6 +76,7 @@ CASES = [
     pytest.param(spec(("acme/a", 0.5), ("acme/b", 0.5), combination_type="dare_ties", density=0.7, seed=7), 4, id="dare_ties"),
     pytest.param(spec(("acme/a", 0.5), ("acme/b", 0.5), combination_type="magnitude_prune", density=0.5), 4, id="magnitude_prune"),
     pytest.param(spec(("shared/c", 0.5)), 8, id="one-adapter"),
+    pytest.param(spec(("acme/causal", 0.5), ("acme/a", 0.5), combination_type="cat"), 8, id="causal-lm-task-type"),
 ]
 
 

@@ -168,3 +168,33 @@ def test_source_options_are_checked_and_secrets_refused(tmp_path, geometry):
         syncer.add_source(SourceInput(uri=str(tmp_path / "root"), options={"endpoint_url": "http://x"}))
     assert syncer.sources() == []
     assert json.loads(syncer.manifest_path.read_text())["sources"] == []
+
+
+def test_a_named_merge_is_written_with_its_recipe_and_registered(tmp_path, geometry, place):
+    from adapters_store.merge_spec import MERGE_RECIPE_FILE, MergeSpec
+    from lora_core.errors import AdapterExistsError, InvalidRequestError
+
+    place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "src" / "shared" / "french", seed=1)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    spec = MergeSpec(name="acme/blend", combination_type="ties", density=0.5,
+                     adapters=[{"id": "acme/pirate", "weight": 0.6}, {"id": "shared/french", "weight": 0.4}])
+    record, report = syncer.merge(spec)
+    assert record.status == "ready" and record.serving.config.rank == 8
+    assert [c.adapter_id for c in report.changes] == ["acme/blend"]
+    folder = tmp_path / "store" / "merged" / "acme" / "blend"
+    assert MergeSpec.model_validate_json((folder / MERGE_RECIPE_FILE).read_text()) == spec
+    assert syncer.serving_checkpoint("acme/blend")[2].max_rank == 8
+
+    with pytest.raises(AdapterExistsError):
+        syncer.merge(spec)
+    with pytest.raises(AdapterNotFoundError):
+        syncer.merge(spec.model_copy(update={"name": "acme/other", "adapters": (spec.adapters[0].model_copy(update={"id": "acme/nope"}),)}))
+    too_big = MergeSpec(name="acme/big", combination_type="cat",  # 8 + 8 > the geometry's max_rank 8
+                        adapters=[{"id": "acme/pirate"}, {"id": "shared/french"}])
+    with pytest.raises(InvalidRequestError, match="rank would be 16"):
+        syncer.merge(too_big)
+    assert sorted(p.name for p in (tmp_path / "store" / "merged" / "acme").iterdir()) == ["blend"]  # no leftovers
+    assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".merge-")]
+    assert sorted(r.adapter_id for r in syncer.records()) == ["acme/blend", "acme/pirate", "shared/french"]
