@@ -6,7 +6,7 @@ and for the svd family the product B @ A): never the base weights. So the merge 
 skeleton of the base model: one shape-only `nn.Linear` per target module (its weight is one zero
 expanded to `[out, in]`, no memory), named and shaped from the store's `SlotGeometry`, which it
 already reads from the base model's files. The store can merge without loading any model; the
-result is PEFT's, byte for byte (tests compare it with `add_weighted_adapter` on the real model).
+result is PEFT's (tests compare it with `add_weighted_adapter` on the real model, type by type).
 
 DARE draws its random masks module by module, in the model's module order: the skeleton keeps
 the order Llama-family models register their projections (layers ascending; q, k, v, o, gate,

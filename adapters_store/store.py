@@ -83,7 +83,7 @@ class AdapterStore:
         return self._served(record)
 
     def merge(self, spec: dict) -> dict:
-        """A named merge (`merging.MergeSpec` as JSON), registered as a new adapter; its record."""
+        """A named merge (`merge_spec.MergeSpec` as JSON), registered as a new adapter; its record."""
         record, report = self.syncer.merge(MergeSpec.model_validate(spec))
         self._publish(report.changes)
         return self._served(record)

@@ -6,6 +6,7 @@
     ├── UnauthorizedError               401  no API key, or one nobody issued (WWW-Authenticate: Bearer)
     ├── ForbiddenError                  403  a tenant key on the admin API
     ├── AdapterNotFoundError            404  no such adapter (or not visible to the caller)
+    ├── AdapterExistsError              409  a create (a named merge) for an id already registered
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
     ├── InvalidRequestBodyError         422  a body that does not parse or validate; `details` per field
     ├── OverloadedError                 503  every replica's queue is full (Retry-After)
@@ -31,6 +32,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AdapterExistsError",
     "AdapterNotFoundError",
     "EngineClosedError",
     "ForbiddenError",
