@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import takewhile
 from typing import Any
@@ -47,6 +48,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ROUTER_CLASS_PATH = "deployments.request_router:AdapterAffinityRouter"
+
+COMPLETED_FIRST_LIMIT = 4096
+"""Request ids remembered as completed before Ray confirmed their routing (or never routed)."""
 
 UNREPORTED_FREE_SLOTS = 1
 """Free slots assumed on a replica that has not reported: `rank_replicas` only asks whether
@@ -135,6 +139,7 @@ class AdapterAffinityRouter(RequestRouter):
         self._reports: dict[ReplicaID, RoutingStats | None] = {}
         self._routed: dict[ReplicaID, dict[str, float]] = {}  # adapter -> when sent, since the last report
         self._in_flight: dict[ReplicaID, set[str]] = {}  # internal request ids sent there, not completed
+        self._completed_first: OrderedDict[str, None] = OrderedDict()  # see on_request_completed
         self._bad_reports_logged: set[ReplicaID] = set()
 
     # ---- Ray's hooks ----------------------------------------------------------------------
@@ -160,15 +165,28 @@ class AdapterAffinityRouter(RequestRouter):
         return [[by_id[replica_id]] for replica_id in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
-        self._in_flight.setdefault(replica_id, set()).add(pending_request.metadata.internal_request_id)
+        request_id = pending_request.metadata.internal_request_id
+        if request_id in self._completed_first:  # it already ended
+            del self._completed_first[request_id]
+        else:
+            self._in_flight.setdefault(replica_id, set()).add(request_id)
         adapter_id = _adapter_of(pending_request)
         if adapter_id is not None:
             self._demand.record(adapter_id)
             self._note_routed(replica_id, adapter_id, self._get_curr_time_s())
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        """Ray registers the completion callback before it learns the replica accepted, so a
+        short request can complete before `on_request_routed`; it is remembered (bounded: a
+        rejected request completes and is never routed) so that it is not counted forever."""
         super().on_request_completed(replica_id, internal_request_id)
-        self._in_flight.get(replica_id, set()).discard(internal_request_id)
+        in_flight = self._in_flight.get(replica_id)
+        if in_flight is not None and internal_request_id in in_flight:
+            in_flight.discard(internal_request_id)
+            return
+        self._completed_first[internal_request_id] = None
+        while len(self._completed_first) > COMPLETED_FIRST_LIMIT:
+            self._completed_first.popitem(last=False)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Ray calls this when the replica set or a replica's `routing_stats` changes."""

@@ -256,6 +256,26 @@ def test_a_burst_balances_even_when_rays_queue_cache_lags():
     assert after == {"a": 4, "b": 4}, after
 
 
+def test_a_request_that_completes_before_ray_confirms_it_is_not_counted_forever():
+    """Ray registers the completion callback before the accept reply: a short request can end
+    first. It must not stay in the in-flight count (it would push every later request away)."""
+
+    async def scenario() -> tuple[int, list[str]]:
+        replicas = [FakeRunningReplica("a", stats(free=2)), FakeRunningReplica("b", stats(free=2))]
+        router = make_router(replicas, FakeClock())
+        for _ in range(5):
+            pending = request("")
+            router.on_request_completed(replicas[0].replica_id, pending.metadata.internal_request_id)
+            router.on_request_routed(pending, replicas[0].replica_id, result=None)
+        rejected = request("")  # completed, never routed: remembered, but bounded
+        router.on_request_completed(replicas[1].replica_id, rejected.metadata.internal_request_id)
+        return len(router._in_flight.get(replicas[0].replica_id, ())), await choose(router)
+
+    in_flight, order = run(scenario)
+    assert in_flight == 0
+    assert order == ["a", "b"]  # a is not "busy" with 5 requests long gone
+
+
 def test_full_replicas_are_offered_for_a_probe_and_ray_backs_off():
     async def scenario() -> tuple[list[str], list[str]]:
         replicas = [
