@@ -15,20 +15,6 @@ from benchmarks import cold_load, engine_load, kv_layout, mixed_batch, propagati
 COMMON_KEYS = ("device", "model", "quick", "torch", "threads", "dtype", "wall_s")
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """The benchmarks set torch threads and seed the global RNGs; give the next tests theirs back."""
-    import random
-
-    import torch
-
-    threads, python_rng = torch.get_num_threads(), random.getstate()
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(threads)
-    random.setstate(python_rng)
-
-
 def last_json_line(capsys) -> dict:
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert lines, "the benchmark printed nothing on stdout"

@@ -23,20 +23,6 @@ TOP_KEYS = ("engine_model", "servers", "adapters", "replicas", "replica_cpus", "
             "failed_total", "processes_left")
 
 
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    """The benchmark sets torch threads and seeds the global RNGs; give the next tests theirs back."""
-    import random
-
-    import torch
-
-    threads, python_rng = torch.get_num_threads(), random.getstate()
-    with torch.random.fork_rng():
-        yield
-    torch.set_num_threads(threads)
-    random.setstate(python_rng)
-
-
 def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
