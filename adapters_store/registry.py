@@ -8,6 +8,8 @@ A record per adapter id holds its source URI, `current` (the newest version seen
   that version is no longer good).
 * A deleted record keeps `current` for the audit trail but serves nothing; `get` and `list` hide
   it unless asked. Registering the id again starts a fresh record.
+* A disabled record keeps everything (new versions are still synced and validated) but nothing
+  serves it until it is enabled: `serving` says what will serve then.
 * Every timestamp is a timezone-aware UTC datetime from the registry's injected clock.
 
 The manifest is JSON with a `format_version`. `save_manifest` writes it atomically (a temp file in
@@ -49,6 +51,8 @@ __all__ = [
     "AdapterStatus",
     "AdapterVersion",
     "Clock",
+    "Disabled",
+    "Fallback",
     "Manifest",
     "ManifestCorruptError",
     "ManifestError",
@@ -65,9 +69,11 @@ __all__ = [
 
 logger = logging.getLogger("adapters_store.registry")
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2
+"""2: records carry `disabled`. Format 1 files are read as they are (nothing disabled)."""
 
-AdapterStatus = Literal["ready", "rejected", "deleted"]
+AdapterStatus = Literal["ready", "rejected", "deleted", "disabled"]
+Fallback = Literal["none", "base"]
 VersionStatus = Literal["ready", "rejected"]
 Clock = Callable[[], datetime]
 
@@ -159,6 +165,15 @@ class AdapterVersion(BaseModel):
         return self
 
 
+class Disabled(BaseModel):
+    """An admin's disable: what its requests get meanwhile, and since when."""
+
+    model_config = _FROZEN
+
+    fallback: Fallback = Field(default="none", description="none: 409 adapter_disabled; base: the base model answers")
+    since: UtcDatetime
+
+
 class AdapterRecord(BaseModel):
     """Everything the registry knows about one adapter id; see the module docstring's invariants."""
 
@@ -169,6 +184,7 @@ class AdapterRecord(BaseModel):
     current: Optional[AdapterVersion] = Field(default=None, description="the newest version seen")
     serving: Optional[AdapterVersion] = Field(default=None, description="the last good version")
     deleted: bool = False
+    disabled: Optional[Disabled] = Field(default=None, description="set while an admin has it disabled")
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -200,10 +216,18 @@ class AdapterRecord(BaseModel):
         return parse_adapter_id(self.adapter_id)
 
     @property
+    def served(self) -> Optional[AdapterVersion]:
+        """The version requests run on now: the serving one, unless the adapter is disabled."""
+        return self.serving if self.disabled is None else None
+
+    @property
     def status(self) -> Optional[AdapterStatus]:
-        """deleted, ready (something serves), rejected (nothing good yet), or None (not synced yet)."""
+        """deleted, disabled, ready (something serves), rejected (nothing good yet), or None (not
+        synced yet)."""
         if self.deleted:
             return "deleted"
+        if self.disabled is not None:
+            return "disabled"
         if self.serving is not None:
             return "ready"
         return self.current.status if self.current is not None else None
@@ -376,6 +400,19 @@ class Registry:
             if record.deleted:
                 return record
             return self._put(_replace(record, deleted=True, serving=None, updated_at=self._now()))
+
+    def set_disabled(self, adapter_id: str, fallback: Optional[Fallback]) -> AdapterRecord:
+        """Disable (`fallback` given) or enable (None) a live adapter; the same state again changes nothing."""
+        with self._lock:
+            record = self._live(adapter_id)
+            if fallback is None:
+                if record.disabled is None:
+                    return record
+                return self._put(_replace(record, disabled=None, updated_at=self._now()))
+            if record.disabled is not None and record.disabled.fallback == fallback:
+                return record
+            now = self._now()
+            return self._put(_replace(record, disabled=Disabled(fallback=fallback, since=now), updated_at=now))
 
     def get(self, adapter_id: str, include_deleted: bool = False, tenant: Optional[str] = None) -> AdapterRecord:
         """The record, or AdapterNotFoundError when unknown, deleted (unless `include_deleted`) or

@@ -103,6 +103,20 @@ class AdapterStore:
         self._publish(self.syncer.delete(adapter_id))
         return self._describe(self.syncer.record(adapter_id, include_deleted=True))
 
+    def disable(self, adapter_id: str, fallback: str = "none") -> dict:
+        record, changes = self.syncer.disable(adapter_id, fallback)
+        self._publish(changes)
+        return self._describe(record)
+
+    def enable(self, adapter_id: str) -> dict:
+        record, changes = self.syncer.enable(adapter_id)
+        self._publish(changes)
+        return self._describe(record)
+
+    def disabled_adapters(self) -> dict[str, str]:
+        """adapter id -> fallback ("none" or "base") for every disabled adapter: the ingress asks."""
+        return self.syncer.disabled_adapters()
+
     def sync_now(self) -> dict:
         report = self.syncer.sync()
         self._publish(report.changes)

@@ -12,6 +12,8 @@ Invariants:
     with exponential backoff up to `max_backoff_s`).
   - The registry and the watched sources live in one manifest (`<root>/manifest.json`), saved
     atomically after every change: a restarted store starts from exactly what was recorded.
+  - A disabled adapter is still synced and validated, but serves nothing (`serving_versions`
+    leaves it out, `serving_checkpoint` refuses it with 409) until it is enabled.
   - One adapter id has one owner: the first source that listed it, or an explicit registration
     (which takes it over from a root). An admin delete of an id that a root still lists puts it
     on that root's `excluded` list, so the next sync does not bring it back.
@@ -38,6 +40,7 @@ from adapters_store.registry import (
     AdapterRecord,
     AdapterVersion,
     Clock,
+    Fallback,
     Manifest,
     Registry,
     SourceSpec,
@@ -51,6 +54,7 @@ from lora_core.adapter_ids import adapter_dir, validate_adapter_id
 from lora_core.changes import AdapterChange
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
 from lora_core.errors import (
+    AdapterDisabledError,
     AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterError,
@@ -160,16 +164,22 @@ class AdapterSyncer:
         return len(self.registry)
 
     def serving_version(self, adapter_id: str) -> Optional[str]:
-        """The serving version of one adapter, or None (unknown, deleted or nothing valid)."""
+        """The version one adapter's requests run on, or None (unknown, deleted, disabled or
+        nothing valid)."""
         try:
             record = self.registry.get(adapter_id, include_deleted=True)
         except AdapterNotFoundError:
             return None
-        return record.serving.version if record.serving is not None else None
+        return record.served.version if record.served is not None else None
 
     def serving_versions(self) -> dict[str, str]:
+        """adapter id -> the version requests run on, for every adapter served now (not disabled)."""
         with self._lock:
-            return {r.adapter_id: r.serving.version for r in self.registry.list() if r.serving is not None}
+            return {r.adapter_id: r.served.version for r in self.registry.list() if r.served is not None}
+
+    def disabled_adapters(self) -> dict[str, Fallback]:
+        """adapter id -> what its requests get, for every disabled adapter."""
+        return {r.adapter_id: r.disabled.fallback for r in self.registry.list() if r.disabled is not None}
 
     def due(self) -> list[str]:
         """Keys of the sources whose next sync time has come."""
@@ -250,6 +260,27 @@ class AdapterSyncer:
             logger.info("deleted adapter %s (was %s)", adapter_id, record.status)
             return [AdapterChange(adapter_id, None)]
 
+    def disable(self, adapter_id: str, fallback: Fallback = "none") -> tuple[AdapterRecord, list[AdapterChange]]:
+        """Stop serving an adapter but keep it registered; replicas drop it from their slots."""
+        with self._lock:
+            before = self.registry.get(adapter_id)
+            record = self.registry.set_disabled(adapter_id, fallback)
+            self._save()
+            if before.served is None:
+                return record, []
+            logger.info("disabled adapter %s (fallback %s)", adapter_id, fallback)
+            return record, [AdapterChange(record.adapter_id, None)]
+
+    def enable(self, adapter_id: str) -> tuple[AdapterRecord, list[AdapterChange]]:
+        with self._lock:
+            before = self.registry.get(adapter_id)
+            record = self.registry.set_disabled(adapter_id, None)
+            self._save()
+            if before.disabled is None or record.served is None:
+                return record, []
+            logger.info("enabled adapter %s", adapter_id)
+            return record, [AdapterChange(record.adapter_id, record.served.version)]
+
     def sync(self, keys: Optional[list[str]] = None, force: bool = False) -> SyncReport:
         """Sync the given sources (default: all). `force` re-downloads versions already seen."""
         started = time.monotonic()
@@ -328,6 +359,8 @@ class AdapterSyncer:
         """(the serving version's record, its validated local copy), fetched again if missing.
         Call with the lock held."""
         record = self.registry.get(adapter_id)
+        if record.disabled is not None:
+            raise AdapterDisabledError(f"adapter {adapter_id!r} is disabled")
         if record.serving is None:
             why = f": {record.current.reason}" if record.current is not None and record.current.reason else ""
             raise AdapterNotFoundError(f"adapter {adapter_id!r} has no valid version to serve{why}")
@@ -415,7 +448,8 @@ class AdapterSyncer:
                 shutil.rmtree(old, ignore_errors=True)
         if before is None or before.version != version or before.sha256 != checkpoint.sha256:
             report.updated.append(adapter_id)
-            report.changes.append(AdapterChange(adapter_id, version))
+            if self.registry.get(adapter_id).disabled is None:  # a disabled one is announced when enabled
+                report.changes.append(AdapterChange(adapter_id, version))
             logger.info("adapter %s: version %s ready", adapter_id, version)
 
     def _reject(self, adapter_id: str, version: str, error: LoraServeError, report: SyncReport) -> None:
@@ -423,7 +457,7 @@ class AdapterSyncer:
         record = self.registry.record_rejected(adapter_id, version, str(error), getattr(error, "reason", None))
         report.rejected[adapter_id] = str(error)
         logger.warning("adapter %s: version %s rejected: %s", adapter_id, version, error)
-        if before is not None and record.serving is None:
+        if before is not None and record.serving is None and record.disabled is None:
             report.changes.append(AdapterChange(adapter_id, None))
 
     def _version_folder(self, adapter_id: str, version: str) -> Path:

@@ -3,8 +3,9 @@
     SamplingParams      how to sample one request; the defaults and limits live here, once, and the
                         HTTP bodies (`deployments.schemas.openai`) reuse them
     ChatTurn            one message of a chat prompt
-    GenerationRequest   what the ingress sends a replica: adapter, prompt (text, chat or token ids),
-                        sampling; built once at the HTTP edge
+    Combination         several adapters with weights, served as one derived adapter (per request)
+    GenerationRequest   what the ingress sends a replica: adapter or combination, prompt (text, chat
+                        or token ids), sampling; built once at the HTTP edge
     GenerationChunk     what comes back: a text delta while streaming (the last one carries
                         `finish_reason`), or the whole text of a finished request
     RoutingStats        what a replica reports to the adapter-affinity request router
@@ -17,6 +18,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
@@ -32,7 +35,11 @@ __all__ = [
     "MAX_STOP_STRINGS",
     "MAX_STOP_TOKEN_IDS",
     "MAX_TEMPERATURE",
+    "MAX_COMBINATION_WEIGHT",
+    "MAX_COMBINED_ADAPTERS",
     "ChatTurn",
+    "Combination",
+    "CombinationKind",
     "FinishReason",
     "GenerationChunk",
     "GenerationRequest",
@@ -47,6 +54,7 @@ __all__ = [
     "TokenCount",
     "TopK",
     "TopP",
+    "WeightedAdapter",
 ]
 
 MAX_STOP_STRINGS = 8
@@ -54,6 +62,8 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**63 - 1
+MAX_COMBINED_ADAPTERS = 8
+MAX_COMBINATION_WEIGHT = 100.0
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's and vLLM's; pass 0 for greedy decoding
 DEFAULT_TOP_P = 1.0
 
@@ -70,6 +80,10 @@ RepetitionPenalty = Annotated[
 ]
 StopTokenIds = Annotated[tuple[Annotated[int, Field(ge=0)], ...], Field(max_length=MAX_STOP_TOKEN_IDS)]
 FinishReason = Literal["stop", "length", "cancelled"]
+CombinationKind = Literal["exact", "svd"]
+"""How a combination was built: `exact`, its adapters' ranks side by side (PEFT's `cat`); `svd`,
+reduced to the engine's `max_rank` by truncated SVD because the summed rank did not fit."""
+_COMBINATION_PREFIX = "combination:"
 
 
 @validated_dataclass(frozen=True)
@@ -97,15 +111,68 @@ class ChatTurn:
 
 
 @dataclass(frozen=True)
+class WeightedAdapter:
+    adapter_id: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Several adapters active at once, each delta times its weight (a negative weight subtracts
+    one): PEFT's `cat` combination, built on the replica as a derived adapter. Its parts are kept sorted by id, so the same recipe
+    in any order is one cache entry and one routing key."""
+
+    parts: tuple[WeightedAdapter, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.parts) <= MAX_COMBINED_ADAPTERS:
+            raise ValueError(f"a combination has 1 to {MAX_COMBINED_ADAPTERS} adapters, got {len(self.parts)}")
+        ids = [part.adapter_id for part in self.parts]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a combination names each adapter once, got {ids}")
+        for part in self.parts:
+            if not math.isfinite(part.weight) or part.weight == 0 or abs(part.weight) > MAX_COMBINATION_WEIGHT:
+                raise ValueError(f"the weight of {part.adapter_id!r} must be a finite number other than 0 with "
+                                 f"|weight| <= {MAX_COMBINATION_WEIGHT:g}, got {part.weight}")
+        object.__setattr__(self, "parts", tuple(sorted(self.parts, key=lambda part: part.adapter_id)))
+
+    @classmethod
+    def of(cls, weights: Mapping[str, float]) -> "Combination":
+        return cls(tuple(WeightedAdapter(adapter_id, float(weight)) for adapter_id, weight in weights.items()))
+
+    @property
+    def adapter_ids(self) -> tuple[str, ...]:
+        return tuple(part.adapter_id for part in self.parts)
+
+    @property
+    def key(self) -> str:
+        """The derived adapter's id on a replica and its routing key: never a valid adapter id."""
+        recipe = ";".join(f"{part.adapter_id}*{part.weight!r}" for part in self.parts)
+        return _COMBINATION_PREFIX + hashlib.sha256(recipe.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """Exactly one of `prompt`, `messages` and `prompt_ids` (the engine refuses anything else
-    with a 400)."""
+    with a 400); at most one of `adapter_id` and `combination`."""
 
-    adapter_id: str | None  # None: the base model alone
+    adapter_id: str | None  # None: the base model alone, or the combination
     params: SamplingParams = SamplingParams()
     prompt: str | None = None
     messages: tuple[ChatTurn, ...] | None = None
     prompt_ids: tuple[int, ...] | None = None
+    combination: Combination | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter_id is not None and self.combination is not None:
+            raise ValueError("a request names one adapter or one combination, not both")
+
+    @property
+    def routing_key(self) -> str:
+        """What the request router places by: the adapter, the combination, or '' for the base."""
+        if self.combination is not None:
+            return self.combination.key
+        return self.adapter_id or ""
 
 
 @dataclass(frozen=True)
@@ -117,6 +184,8 @@ class GenerationChunk:
     completion_tokens: int = 0
     """Tokens generated so far (the total, on the last chunk)."""
     adapter_id: str | None = None
+    combination: CombinationKind | None = None
+    """Set for a combination request: how its derived adapter was built."""
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,14 @@
     POST   /admin/adapters                  {adapter_id, uri, options}: fetch, validate, serve
     GET    /admin/adapters/{tenant}/{name}
     DELETE /admin/adapters/{tenant}/{name}
+    POST   /admin/adapters/{tenant}/{name}/disable   {fallback: none | base}: registered, not served
+    POST   /admin/adapters/{tenant}/{name}/enable
     POST   /admin/sources                   {uri, options}: watch a root of <tenant>/<name>/ folders
     POST   /admin/sync                      sync every source now
     GET    /admin/store                     the store's status (degraded when a source is down)
 
-`model` names an adapter id, or the base model's name for no adapter. `Authorization: Bearer
+`model` names an adapter id, or the base model's name for no adapter (or for a combination:
+`adapters: [{"id", "weight"}]`, each id one the caller may use). `Authorization: Bearer
 <key>` names the caller (`tenants.py`); a tenant sees its own and `shared/*` adapters, and another
 tenant's adapter is answered exactly like one that does not exist (404).
 
@@ -23,6 +26,11 @@ them to the original typed error. A streamed request reads its first chunk befor
 the errors the engine finds at submit (unknown adapter, limits) still get their status code; an
 error after the headers went out is sent as a last `data: {"error": ...}` event.
 
+A disabled adapter's requests answer 409 `adapter_disabled`, or run on the base model when it was
+disabled with `fallback: base`. The ingress learns what is disabled from the store at most every
+`DISABLED_REFRESH_S` (at once for a disable it handled itself); the replicas drop it from their
+slots through the store's change feed, and the store refuses to hand it out meanwhile.
+
 Overload: a replica queue that is full (`max_queued_requests`) answers 503 with Retry-After.
 
 Importing this module loads no torch, boto3 or huggingface_hub (a test proves it): the ingress
@@ -31,6 +39,8 @@ runs with no CPU of its own and holds no model.
 
 import asyncio
 import logging
+import math
+import time
 from typing import AsyncIterator, Literal
 
 from fastapi import Depends, FastAPI, Header
@@ -42,9 +52,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from adapters_store.client import StoreLookup
 from adapters_store.merge_spec import MergeSpec
 from deployments import http_errors
-from deployments.contracts import GenerationChunk, GenerationRequest
+from deployments.contracts import Combination, GenerationChunk, GenerationRequest
 from deployments.ray_errors import typed_ray_errors
-from deployments.schemas.admin import RegisterAdapterRequest, RegisterSourceRequest
+from deployments.schemas.admin import DisableRequest, RegisterAdapterRequest, RegisterSourceRequest
 from deployments.schemas.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -56,9 +66,11 @@ from deployments.schemas.streaming import StreamFormat, sse_event
 from deployments.tenants import Caller, KeyRing, TenantsConfig, uses_demo_keys
 from lora_core.adapter_ids import parse_adapter_id
 from lora_core.errors import (
+    AdapterDisabledError,
     AdapterNotFoundError,
     ForbiddenError,
     InvalidAdapterIdError,
+    InvalidRequestError,
     LoraServeError,
     ServiceUnavailableError,
 )
@@ -69,6 +81,8 @@ __all__ = ["Router", "RouterSettings", "app", "current_caller"]
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 10.0
+DISABLED_REFRESH_S = 1.0
+STORE_LOOKUP_TIMEOUT_S = 5.0
 
 app = FastAPI(title="lora-serve", description="OpenAI-compatible completions over many LoRA adapters on one base model")
 http_errors.install(app)
@@ -159,6 +173,8 @@ class Router:
                            "call this server; set real keys in serve_config.yaml `tenants` or keys_env")
         self.replicas = replicas
         self.store = StoreLookup(self.settings.store) if self.settings.store is not None else None
+        self._disabled: dict[str, str] = {}  # adapter id -> fallback, as the store last said
+        self._disabled_at_s = -math.inf
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, caller: Caller = Depends(current_caller)):
@@ -173,7 +189,8 @@ class Router:
         with typed_ray_errors():
             listing = await self.replicas.list_adapters.remote()
         records = await self._store_call("list_adapters", tenant=caller.tenant) if self.store is not None else []
-        served = {r["adapter_id"] for r in records if r["serving"] is not None} | set(listing["adapters"])
+        served = {r["adapter_id"] for r in records if r["serving"] is not None and r["disabled"] is None}
+        served |= set(listing["adapters"])
         return ModelList.of(self.settings.base_model_name, [a for a in served if caller.can_see(a)])
 
     @app.post("/v1/adapters/merge", status_code=201)
@@ -204,6 +221,20 @@ class Router:
     @app.delete("/admin/adapters/{tenant}/{name}")
     async def admin_delete(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
         return await self._store_call("delete", f"{tenant}/{name}")
+
+    @app.post("/admin/adapters/{tenant}/{name}/disable")
+    async def admin_disable(self, tenant: str, name: str, body: DisableRequest | None = None,
+                            _admin: Caller = Depends(admin_caller)):
+        fallback = (body or DisableRequest()).fallback
+        record = await self._store_call("disable", f"{tenant}/{name}", fallback)
+        self._disabled[record["adapter_id"]] = fallback
+        return record
+
+    @app.post("/admin/adapters/{tenant}/{name}/enable")
+    async def admin_enable(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
+        record = await self._store_call("enable", f"{tenant}/{name}")
+        self._disabled.pop(record["adapter_id"], None)
+        return record
 
     @app.post("/admin/sources", status_code=201)
     async def admin_add_source(self, body: RegisterSourceRequest, _admin: Caller = Depends(admin_caller)):
@@ -247,11 +278,36 @@ class Router:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
         return adapter_id
 
+    def _combination_for(self, body: CompletionRequest | ChatCompletionRequest, caller: Caller) -> Combination:
+        """The combination a body's `adapters` names, each id one the caller may use (else 404)."""
+        if body.model != self.settings.base_model_name:
+            raise InvalidRequestError(
+                f"with `adapters`, `model` is the base model's name {self.settings.base_model_name!r}, "
+                f"not {body.model!r}")
+        weights = {}
+        for item in body.adapters:
+            adapter_id = self._adapter_for(item.id, caller)
+            if adapter_id is None:
+                raise InvalidRequestError("`adapters` names adapters; the base model is the `model`")
+            weights[adapter_id] = item.weight
+        return Combination.of(weights)
+
     async def _complete(
         self, body: CompletionRequest | ChatCompletionRequest, kind: Literal["completion", "chat"], caller: Caller
     ):
         """Both OpenAI endpoints: one `GenerationRequest` to a replica, whole or streamed."""
-        request = body.to_generation_request(self._adapter_for(body.model, caller))
+        disabled = await self._disabled_adapters()
+        if body.adapters is not None:
+            combination = self._combination_for(body, caller)
+            if off := [a for a in combination.adapter_ids if a in disabled]:
+                raise AdapterDisabledError(f"adapter {off[0]!r} is disabled")
+            request = body.to_generation_request(None, combination)
+        else:
+            adapter_id = self._adapter_for(body.model, caller)
+            fallback = disabled.get(adapter_id) if adapter_id is not None else None
+            if fallback is not None and fallback != "base":
+                raise AdapterDisabledError(f"adapter {adapter_id!r} is disabled")
+            request = body.to_generation_request(None if fallback == "base" else adapter_id)
         if body.stream:
             return await self._stream(request, StreamFormat(kind, body.model, body.include_usage))
         with typed_ray_errors():
@@ -260,8 +316,23 @@ class Router:
         return response.of(body.model, result)
 
     def _replicas_for(self, request: GenerationRequest) -> DeploymentHandle:
-        """The handle with the request's adapter as its routing key (`request_router.py`)."""
-        return self.replicas.options(multiplexed_model_id=request.adapter_id or "")
+        """The handle with the request's adapter (or combination) as its routing key (`request_router.py`)."""
+        return self.replicas.options(multiplexed_model_id=request.routing_key)
+
+    async def _disabled_adapters(self) -> dict[str, str]:
+        """adapter id -> fallback for the disabled ones, refreshed from the store at most every
+        DISABLED_REFRESH_S; while the store cannot answer, the last answer holds."""
+        now = time.monotonic()
+        if self.store is None or now - self._disabled_at_s < DISABLED_REFRESH_S:
+            return self._disabled
+        self._disabled_at_s = now  # requests meanwhile use the last answer
+        try:
+            with typed_ray_errors("the adapter store"):
+                handle = self.store.handle()
+                self._disabled = await asyncio.wait_for(handle.disabled_adapters.remote(), STORE_LOOKUP_TIMEOUT_S)
+        except (asyncio.TimeoutError, LoraServeError) as error:
+            logger.warning("could not refresh the disabled adapters from the store: %s", error)
+        return self._disabled
 
     async def _store_call(self, method: str, *args, **kwargs):
         if self.store is None:

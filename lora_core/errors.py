@@ -7,6 +7,7 @@
     ├── ForbiddenError                  403  a tenant key on the admin API
     ├── AdapterNotFoundError            404  no such adapter (or not visible to the caller)
     ├── AdapterExistsError              409  a create (a named merge) for an id already registered
+    ├── AdapterDisabledError            409  an adapter an admin disabled (registered, not served)
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
     ├── InvalidRequestBodyError         422  a body that does not parse or validate; `details` per field
     ├── OverloadedError                 503  every replica's queue is full (Retry-After)
@@ -32,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AdapterDisabledError",
     "AdapterExistsError",
     "AdapterNotFoundError",
     "EngineClosedError",
@@ -108,6 +110,13 @@ class AdapterExistsError(LoraServeError):
 
     status_code = 409
     code = "adapter_exists"
+
+
+class AdapterDisabledError(LoraServeError):
+    """An adapter an admin disabled: still registered, not served until it is enabled again."""
+
+    status_code = 409
+    code = "adapter_disabled"
 
 
 class InvalidAdapterError(LoraServeError):

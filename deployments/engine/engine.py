@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from deployments.contracts import ChatTurn, GenerationChunk, GenerationRequest, RoutingStats, SamplingParams
+from deployments.contracts import (
+    ChatTurn,
+    Combination,
+    GenerationChunk,
+    GenerationRequest,
+    RoutingStats,
+    SamplingParams,
+)
 from deployments.engine.base_model import BaseModelSpec, LoadedBaseModel, load_base_model
 from deployments.engine.devices import compile_enabled, resolve_device, resolve_dtype
 from deployments.engine.handles import RequestHandle
@@ -141,16 +148,22 @@ class Engine:
         if any(not 0 <= token < vocab for token in (*ids, *params.stop_token_ids)):
             raise InvalidRequestError(f"token ids must be within [0, {vocab}) for this model")
         adapter_id = request.adapter_id
-        if adapter_id is not None and not self.residency.has_resolver and not self.residency.knows(adapter_id):
+        if request.combination is not None:
+            adapter_id = self.residency.define_combination(request.combination)
+            unknown = [a for a in request.combination.adapter_ids if not self.residency.knows(a)]
+            if unknown and not self.residency.has_resolver:
+                raise AdapterNotFoundError(f"adapter {unknown[0]!r} is not registered")
+        elif adapter_id is not None and not self.residency.has_resolver and not self.residency.knows(adapter_id):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
         handle = RequestHandle(adapter_id, ids, params)
         self.scheduler.enqueue(handle)
         return handle
 
     def generate(self, prompt: str | None = None, adapter_id: str | None = None, *,
-                 messages: Sequence[ChatTurn | Mapping[str, str]] | None = None, **sampling) -> GenerationChunk:
+                 messages: Sequence[ChatTurn | Mapping[str, str]] | None = None,
+                 combination: Combination | None = None, **sampling) -> GenerationChunk:
         """Run one request to the end; `sampling` are `SamplingParams` fields."""
-        return self.submit(_request(prompt, adapter_id, messages, sampling)).result()
+        return self.submit(_request(prompt, adapter_id, messages, sampling, combination)).result()
 
     async def agenerate(self, prompt: str | None = None, adapter_id: str | None = None, *,
                         messages: Sequence[ChatTurn | Mapping[str, str]] | None = None, **sampling) -> GenerationChunk:
@@ -288,6 +301,8 @@ def chat_turns(messages: Sequence[ChatTurn | Mapping[str, str]]) -> tuple[ChatTu
     return tuple(m if isinstance(m, ChatTurn) else ChatTurn(role=m["role"], content=m["content"]) for m in messages)
 
 
-def _request(prompt: str | None, adapter_id: str | None, messages, sampling: dict) -> GenerationRequest:
+def _request(prompt: str | None, adapter_id: str | None, messages, sampling: dict,
+             combination: Combination | None = None) -> GenerationRequest:
     turns = None if messages is None else chat_turns(messages)
-    return GenerationRequest(adapter_id=adapter_id, params=SamplingParams(**sampling), prompt=prompt, messages=turns)
+    return GenerationRequest(adapter_id=adapter_id, params=SamplingParams(**sampling), prompt=prompt, messages=turns,
+                             combination=combination)

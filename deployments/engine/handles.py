@@ -13,7 +13,7 @@ import queue
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from deployments.contracts import FinishReason, GenerationChunk, SamplingParams
+from deployments.contracts import CombinationKind, FinishReason, GenerationChunk, SamplingParams
 
 __all__ = ["RequestHandle"]
 
@@ -29,6 +29,7 @@ class RequestHandle:
         self.prompt_ids = prompt_ids
         self.params = params
         self.submitted_s = time.monotonic()
+        self.combination: CombinationKind | None = None  # set at admission for a combination request
         self._cancelled = False
         self._events: queue.Queue = queue.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -49,10 +50,10 @@ class RequestHandle:
     # ---- the engine's side (loop thread) ----------------------------------------------------------
 
     def emit(self, text: str) -> None:
-        self._push(GenerationChunk(text, None, len(self.prompt_ids), 0, self.adapter_id))
+        self._push(GenerationChunk(text, None, len(self.prompt_ids), 0, self.adapter_id, self.combination))
 
     def finish(self, reason: FinishReason, completion_tokens: int) -> None:
-        self._push(GenerationChunk("", reason, len(self.prompt_ids), completion_tokens, self.adapter_id))
+        self._push(GenerationChunk("", reason, len(self.prompt_ids), completion_tokens, self.adapter_id, self.combination))
 
     def fail(self, error: BaseException) -> None:
         self._push(error)
@@ -101,4 +102,5 @@ def _whole(chunks: list[GenerationChunk]) -> GenerationChunk:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         adapter_id=last.adapter_id,
+        combination=last.combination,
     )

@@ -7,6 +7,12 @@
 and `placements()` is the one answer to "which version is where". The adapter store's changes
 come in through one method, `follow_store`.
 
+Combinations. A request may name several adapters with weights (`contracts.Combination`): its
+recipe is defined here under the combination's key, and the first request's load builds the
+derived adapter on a loader thread (`combinations.combine_checkpoints`) from its parts' current
+versions, into the host cache and a slot like any adapter. A new version or the deletion of any
+part drops the derived adapter, so the next request rebuilds it (running ones finish on theirs).
+
 Versions. A slot holds one version of one adapter (the pool's key is `<adapter id>@<version>`),
 and a running request holds its slot from admission to its last token, so it runs start to
 finish on one version. A new version goes into the host cache at once; the next request admitted
@@ -25,16 +31,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
+from deployments.contracts import Combination
+from deployments.engine.combinations import combination_version, combine_checkpoints
 from deployments.engine.host_cache import CacheEntry, HostCache
 from deployments.engine.slot_lora import PreparedAdapter, SlotLoraModel
 from deployments.engine.slots import PoolSnapshot, SlotPool
-from lora_core.checkpoint import LoraCheckpoint, read_checkpoint
+from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
 from lora_core.errors import AdapterNotFoundError
 
 __all__ = ["AdapterResidency", "AdapterResolver", "ModelLoop", "Placement", "slot_key"]
@@ -49,6 +59,8 @@ checkpoints were scanned for NaN/inf by whoever published them (the adapter stor
 still checks their shapes, ranks and targets against its slots."""
 
 LOAD_WORKERS = 4
+MAX_COMBINATIONS = 1024
+"""Recipes remembered per engine; the oldest unused one is forgotten (a request defines it again)."""
 _KEY_SEPARATOR = "@"  # never in an adapter id (lora_core.adapter_ids)
 
 
@@ -85,8 +97,9 @@ class Placement:
     version: str | None
     """The version its next batch runs: the host copy's, else the slot's; None when only its
     folder is known (a local adapter not loaded since)."""
-    origin: Literal["local", "store"]
-    """`local`: registered from a folder; `store`: resolved through the adapter store."""
+    origin: Literal["local", "store", "combination"]
+    """`local`: registered from a folder; `store`: resolved through the adapter store;
+    `combination`: derived from other adapters for combination requests."""
 
 
 class AdapterResidency:
@@ -108,6 +121,9 @@ class AdapterResidency:
         self._resolver = resolver
         self._local_folders: dict[str, Path] = {}
         self._retiring: set[str] = set()  # slot keys to free once no request holds them (loop thread)
+        self._combinations: OrderedDict[str, Combination] = OrderedDict()  # key -> recipe
+        self._built_from: dict[str, dict[str, str]] = {}  # combination key -> part id -> version built from
+        self._combinations_lock = threading.Lock()
 
     # ---- which version is where ---------------------------------------------------------------
 
@@ -121,7 +137,7 @@ class AdapterResidency:
         for adapter_id in sorted({*cached, *warm, *local}):
             slot, slot_version = warm.get(adapter_id, (None, None))
             version = cached.get(adapter_id) or slot_version
-            origin = "local" if adapter_id in local else "store"
+            origin = "local" if adapter_id in local else "combination" if self._is_combination(adapter_id) else "store"
             placements[adapter_id] = Placement(adapter_id, slot, version, origin)
         return placements
 
@@ -139,8 +155,12 @@ class AdapterResidency:
         return self.placements().get(adapter_id)
 
     def warm_versions(self) -> dict[str, str]:
-        """adapter id -> the version its next batch runs, for every adapter in a slot."""
-        return {a: p.version for a, p in self.placements().items() if p.slot is not None and p.version is not None}
+        """adapter id -> the version its next batch runs, for every adapter in a slot (combinations
+        left out: the store knows only their parts)."""
+        return {
+            a: p.version for a, p in self.placements().items()
+            if p.slot is not None and p.version is not None and p.origin != "combination"
+        }
 
     def pool_snapshot(self) -> PoolSnapshot:
         """The slot pool's state with adapter ids where the pool has slot keys."""
@@ -160,7 +180,42 @@ class AdapterResidency:
 
     def knows(self, adapter_id: str) -> bool:
         """Whether a request for `adapter_id` can be served without asking the store."""
+        if self._is_combination(adapter_id):
+            return all(self.knows(part) for part in self._combinations[adapter_id].adapter_ids)
         return adapter_id in self._local_folders or adapter_id in self.host_cache or adapter_id in self._warm_keys()
+
+    # ---- combinations -----------------------------------------------------------------------------
+
+    def define_combination(self, combination: Combination) -> str:
+        """Remember a combination's recipe; returns the key its requests run under."""
+        key = combination.key
+        with self._combinations_lock:
+            self._combinations[key] = combination
+            self._combinations.move_to_end(key)
+            while len(self._combinations) > MAX_COMBINATIONS:
+                forgotten, _ = self._combinations.popitem(last=False)
+                self._built_from.pop(forgotten, None)
+        return key
+
+    def _is_combination(self, adapter_id: str) -> bool:
+        return adapter_id in self._combinations
+
+    def _combinations_using(self, adapter_id: str) -> list[str]:
+        with self._combinations_lock:
+            return [key for key, combination in self._combinations.items() if adapter_id in combination.adapter_ids]
+
+    def _stale_combinations(self, versions: Mapping[str, str | None], complete: bool) -> list[str]:
+        """Combinations built from a store part whose serving version is no longer the one they used
+        (local parts change through `update`)."""
+        with self._combinations_lock:
+            built = list(self._built_from.items())
+        changed = lambda part, version: (  # noqa: E731
+            part not in self._local_folders and (complete or part in versions) and versions.get(part) != version)
+        return [key for key, parts in built if any(changed(part, version) for part, version in parts.items())]
+
+    def _drop_combinations_using(self, adapter_id: str) -> None:
+        for key in self._combinations_using(adapter_id):
+            self._drop(key)
 
     @property
     def has_resolver(self) -> bool:
@@ -183,6 +238,9 @@ class AdapterResidency:
             changes = {a: versions.get(a) for a, version in held.items() if version != versions.get(a)}
         else:
             changes = dict(versions)
+        stale = self._stale_combinations(versions, complete)
+        if stale:
+            self._loop.call(lambda: [self._drop(key) for key in stale])
         for adapter_id, version in changes.items():
             try:
                 self._follow_one(adapter_id, version, fetch)
@@ -219,6 +277,7 @@ class AdapterResidency:
         Refused input (validation) changes nothing."""
         prepared = self.slot_model.prepare(checkpoint, check_values=check_values)
         self.host_cache.put(adapter_id, prepared, version)
+        self._loop.call(lambda: self._drop_combinations_using(adapter_id))
         self._loop.wake()
 
     def update(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str, *, check_values: bool = True) -> None:
@@ -239,6 +298,7 @@ class AdapterResidency:
                     self._write(new_key, slot, prepared)
                     break
             self._retire_versions(adapter_id, keep=new_key)
+            self._drop_combinations_using(adapter_id)
 
         self._loop.call(swap_in)
 
@@ -249,6 +309,7 @@ class AdapterResidency:
             if not self.knows(adapter_id) and not missing_ok:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
             self._drop(adapter_id)
+            self._drop_combinations_using(adapter_id)
             self._local_folders.pop(adapter_id, None)
             self._loop.fail_waiting(adapter_id, AdapterNotFoundError(f"adapter {adapter_id!r} was deleted"))
 
@@ -302,14 +363,37 @@ class AdapterResidency:
         return entry if entry is not None else self.start_load(adapter_id).result()
 
     def _load_entry(self, adapter_id: str) -> CacheEntry[PreparedAdapter]:
+        combination = self._combinations.get(adapter_id)
+        if combination is not None:
+            return self._build_combination(adapter_id, combination)
+        checkpoint, version, scanned = self._checkpoint(adapter_id)
+        return CacheEntry(self.slot_model.prepare(checkpoint, check_values=not scanned), version)
+
+    def _checkpoint(self, adapter_id: str) -> tuple[LoraCheckpoint, str, bool]:
+        """(checkpoint, version, whether its values were already scanned) from its folder or the store."""
         folder = self._local_folders.get(adapter_id)
         if folder is not None:
             checkpoint = read_checkpoint(folder, max_size_bytes=self._max_adapter_bytes)
-            return CacheEntry(self.slot_model.prepare(checkpoint), checkpoint.version)
+            return checkpoint, checkpoint.version, False
         if self._resolver is None:
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
         checkpoint, version = self._resolver(adapter_id)
-        return CacheEntry(self.slot_model.prepare(checkpoint, check_values=False), version)  # value-scanned by the store
+        return checkpoint, version, True  # value-scanned by the store
+
+    def _build_combination(self, key: str, combination: Combination) -> CacheEntry[PreparedAdapter]:
+        parts, recipe = [], []
+        for part in combination.parts:
+            checkpoint, version, scanned = self._checkpoint(part.adapter_id)
+            validate_checkpoint(checkpoint, self.slot_model.geometry, check_values=not scanned)  # each part fits alone
+            parts.append((checkpoint, part.weight))
+            recipe.append((part.adapter_id, version, part.weight))
+        version = combination_version(recipe)
+        combined = combine_checkpoints(parts, self.slot_model.max_rank, version)
+        prepared = self.slot_model.prepare(combined.checkpoint, check_values=False)
+        with self._combinations_lock:
+            self._built_from[key] = {adapter_id: part_version for adapter_id, part_version, _ in recipe}
+        logger.info("combination %s of %s built (%s)", key, list(combination.adapter_ids), combined.kind)
+        return CacheEntry(dataclasses.replace(prepared, combination=combined.kind), version)
 
     # ---- slots (loop thread) ----------------------------------------------------------------------
 

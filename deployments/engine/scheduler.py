@@ -255,6 +255,7 @@ class Scheduler:
                     if not residency.is_loading(handle.adapter_id):
                         self._start_load(handle.adapter_id)
                     continue
+                handle.combination = entry.value.combination
                 try:
                     slot, key = residency.acquire(handle.adapter_id, entry)
                 except SlotsExhaustedError:

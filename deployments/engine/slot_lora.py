@@ -41,6 +41,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from deployments.contracts import CombinationKind
 from lora_core.checkpoint import LoraCheckpoint, validate_checkpoint
 from lora_core.geometry import SlotGeometry
 
@@ -123,6 +124,8 @@ class PreparedAdapter:
     lora_a: tuple[torch.Tensor | None, ...]
     lora_b: tuple[torch.Tensor | None, ...]
     size_bytes: int
+    combination: CombinationKind | None = None
+    """Set for a per-request combination's derived adapter: how it was built."""
 
 
 class SlotLoraModel:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from lora_core.settings import SourceOptions
 
-__all__ = ["RegisterAdapterRequest", "RegisterSourceRequest"]
+__all__ = ["DisableRequest", "RegisterAdapterRequest", "RegisterSourceRequest"]
 
 
 class RegisterAdapterRequest(BaseModel):
@@ -24,3 +26,10 @@ class RegisterSourceRequest(BaseModel):
 
     uri: str = Field(description="a root of <tenant>/<name>/ adapter folders")
     options: SourceOptions = Field(default_factory=dict)
+
+
+class DisableRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fallback: Literal["none", "base"] = Field(
+        "none", description="none: its requests answer 409 adapter_disabled; base: the base model answers them")

@@ -10,6 +10,10 @@ their bounds and defaults from `deployments.contracts` (one definition each). Li
 on the engine's settings (max_tokens against `max_new_tokens`, prompt length against
 `max_seq_len`) are not known here: the engine checks them and answers 400.
 
+This server's own extension: `adapters: [{"id", "weight"}]` (with `model` the base model's name)
+runs the request on a weighted combination of adapters (`contracts.Combination`), and the
+response says how it was built in `lora_serve.combination`.
+
 A request leaves as one `GenerationRequest` (`to_generation_request`), built here and nowhere
 else; what comes back is `GenerationChunk`s.
 """
@@ -20,13 +24,16 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from deployments.contracts import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    MAX_COMBINED_ADAPTERS,
     MAX_STOP_STRINGS,
     ChatTurn,
+    Combination,
+    CombinationKind,
     GenerationChunk,
     GenerationRequest,
     MinTokens,
@@ -47,6 +54,7 @@ __all__ = [
     "CompletionChoice",
     "CompletionRequest",
     "CompletionResponse",
+    "LoraServeInfo",
     "ModelCard",
     "ModelList",
     "Usage",
@@ -64,6 +72,13 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = Field(False, description="send one last chunk with `usage` and no choices")
+
+
+class AdapterWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256, description="an adapter id, <tenant>/<name>")
+    weight: float = Field(1.0, description="finite and not 0; a negative weight subtracts the adapter")
 
 
 class SamplingFields(BaseModel):
@@ -85,6 +100,25 @@ class SamplingFields(BaseModel):
     stop_token_ids: StopTokenIds | None = None
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="choices per request; only 1 is supported")
+    adapters: list[AdapterWeight] | None = Field(
+        None, min_length=1, max_length=MAX_COMBINED_ADAPTERS,
+        description="run on these adapters at once, each delta times its weight (`model`: the base model's name)",
+    )
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "SamplingFields":
+        if self.adapters is not None:
+            self.combination()  # its ValueError (duplicate ids, bad weights) is a 422
+        return self
+
+    def combination(self) -> Combination | None:
+        """The combination `adapters` asks for, ids as sent (the router checks who may use them)."""
+        if self.adapters is None:
+            return None
+        ids = [item.id for item in self.adapters]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"`adapters` names each adapter once, got {ids}")
+        return Combination.of({item.id: item.weight for item in self.adapters})
 
     @field_validator("stop")
     @classmethod
@@ -110,8 +144,8 @@ class CompletionRequest(SamplingFields):
     prompt: str = Field(min_length=1, description="the text to continue")
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
 
-    def to_generation_request(self, adapter_id: str | None) -> GenerationRequest:
-        return GenerationRequest(adapter_id, self._sampling(self.max_tokens), prompt=self.prompt)
+    def to_generation_request(self, adapter_id: str | None, combination: Combination | None = None) -> GenerationRequest:
+        return GenerationRequest(adapter_id, self._sampling(self.max_tokens), prompt=self.prompt, combination=combination)
 
 
 class TextPart(BaseModel):
@@ -140,9 +174,10 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most; default: up to the limit")
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens; wins")
 
-    def to_generation_request(self, adapter_id: str | None) -> GenerationRequest:
+    def to_generation_request(self, adapter_id: str | None, combination: Combination | None = None) -> GenerationRequest:
         sampling = self._sampling(self.max_completion_tokens or self.max_tokens)
-        return GenerationRequest(adapter_id, sampling, messages=tuple(message.to_turn() for message in self.messages))
+        messages = tuple(message.to_turn() for message in self.messages)
+        return GenerationRequest(adapter_id, sampling, messages=messages, combination=combination)
 
 
 # ---- responses -------------------------------------------------------------------------------
@@ -167,6 +202,16 @@ class Usage(BaseModel):
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+class LoraServeInfo(BaseModel):
+    """This server's extension of a response (only on combination requests)."""
+
+    combination: CombinationKind = Field(description="exact: ranks side by side; svd: reduced to max_rank")
+
+    @classmethod
+    def of(cls, result: GenerationChunk) -> "LoraServeInfo | None":
+        return cls(combination=result.combination) if result.combination is not None else None
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
@@ -181,11 +226,12 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+    lora_serve: LoraServeInfo | None = None
 
     @classmethod
     def of(cls, model: str, result: GenerationChunk) -> "CompletionResponse":
         choice = CompletionChoice(text=result.text, finish_reason=result.finish_reason)
-        return cls(model=model, choices=[choice], usage=Usage.of(result))
+        return cls(model=model, choices=[choice], usage=Usage.of(result), lora_serve=LoraServeInfo.of(result))
 
 
 class AssistantMessage(BaseModel):
@@ -207,11 +253,12 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    lora_serve: LoraServeInfo | None = None
 
     @classmethod
     def of(cls, model: str, result: GenerationChunk) -> "ChatCompletionResponse":
         choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
-        return cls(model=model, choices=[choice], usage=Usage.of(result))
+        return cls(model=model, choices=[choice], usage=Usage.of(result), lora_serve=LoraServeInfo.of(result))
 
 
 # ---- models ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from deployments.contracts import GenerationChunk
-from deployments.schemas.openai import CompletionChoice, Usage, new_id, now_s
+from deployments.schemas.openai import CompletionChoice, LoraServeInfo, Usage, new_id, now_s
 
 __all__ = ["ChatChunkChoice", "ChatCompletionChunk", "ChatDelta", "CompletionChunk", "StreamFormat", "sse_event"]
 
@@ -36,6 +36,7 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    lora_serve: LoraServeInfo | None = None
 
 
 class ChatDelta(BaseModel):
@@ -57,6 +58,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    lora_serve: LoraServeInfo | None = None
 
 
 class StreamFormat:
@@ -79,13 +81,16 @@ class StreamFormat:
         return []
 
     def chunk(self, result: GenerationChunk) -> list[BaseModel]:
+        """The chunks for one delta; the one that finishes carries `lora_serve` (combinations)."""
         finish = result.finish_reason
+        info = LoraServeInfo.of(result) if finish is not None else None
         if self.kind == "chat":
             delta = ChatDelta(content=result.text or None)
-            chunks: list[BaseModel] = [self._chat([ChatChunkChoice(delta=delta, finish_reason=finish)])]
+            chunks: list[BaseModel] = [self._chat([ChatChunkChoice(delta=delta, finish_reason=finish)], lora_serve=info)]
         else:
             choice = CompletionChoice(text=result.text, finish_reason=finish)
-            chunks = [CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])]
+            chunks = [CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                      lora_serve=info)]
         if finish is not None and self.include_usage:
             usage = Usage.of(result)
             if self.kind == "chat":
@@ -94,5 +99,7 @@ class StreamFormat:
                 chunks.append(CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage))
         return chunks
 
-    def _chat(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+    def _chat(self, choices: list[ChatChunkChoice], usage: Usage | None = None,
+              lora_serve: LoraServeInfo | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
+                                   lora_serve=lora_serve)

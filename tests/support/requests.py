@@ -7,7 +7,7 @@ from deployments.engine.engine import chat_turns
 
 
 def request(prompt: str | None = None, adapter_id: str | None = None, *, messages=None, prompt_ids=None,
-            **sampling) -> GenerationRequest:
+            combination=None, **sampling) -> GenerationRequest:
     """`sampling` are SamplingParams fields; greedy unless `temperature` is given."""
     sampling.setdefault("temperature", 0.0)
     return GenerationRequest(
@@ -16,4 +16,5 @@ def request(prompt: str | None = None, adapter_id: str | None = None, *, message
         prompt=prompt,
         messages=None if messages is None else chat_turns(messages),
         prompt_ids=None if prompt_ids is None else tuple(prompt_ids),
+        combination=combination,
     )

@@ -4,6 +4,7 @@ and an adapter store on a local folder, real HTTP (httpx and the openai SDK)."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 
 import httpx
 import pytest
@@ -211,3 +212,88 @@ def test_a_named_merge_is_served_and_bad_merges_change_nothing(http):
     again = http.post("/v1/adapters/merge", headers=auth(ACME), json=MERGE)
     assert again.status_code == 409
     assert http.delete("/admin/adapters/acme/blend", headers=auth(ADMIN)).status_code == 200
+
+
+HALF_AND_HALF = [{"id": "acme/pirate", "weight": 0.5}, {"id": "shared/french", "weight": 0.5}]
+BAD_COMBINATIONS = [
+    # (changes to the body, status, error type)
+    ({"adapters": [{"id": "globex/poet", "weight": 1.0}]}, 404, "adapter_not_found"),
+    ({"adapters": [{"id": "acme/nope", "weight": 1.0}, {"id": "shared/french"}]}, 404, "adapter_not_found"),
+    ({"model": "acme/pirate"}, 400, "invalid_request"),
+    ({"adapters": [{"id": "acme/pirate", "weight": 0}]}, 422, "invalid_request_body"),
+    ({"adapters": [{"id": "acme/pirate"}, {"id": "acme/pirate"}]}, 422, "invalid_request_body"),
+    ({"adapters": []}, 422, "invalid_request_body"),
+]
+
+
+def test_a_per_request_combination_answers_like_the_named_cat_merge_of_the_same_inputs(http):
+    body = {"model": BASE_MODEL, "prompt": "hi", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    combined = http.post("/v1/completions", headers=auth(ACME), json={**body, "adapters": HALF_AND_HALF})
+    assert combined.status_code == 200, combined.text
+    assert combined.json()["lora_serve"] == {"combination": "exact"}  # 8 + 8 fits max_rank 16
+    merge = {"name": "acme/cat-reference", "adapters": HALF_AND_HALF, "combination_type": "cat"}
+    assert http.post("/v1/adapters/merge", headers=auth(ACME), json=merge).status_code == 201
+    try:
+        reference = http.post("/v1/completions", headers=auth(ACME), json={**body, "model": "acme/cat-reference"})
+        assert reference.status_code == 200 and reference.json()["lora_serve"] is None
+        base = http.post("/v1/completions", headers=auth(ACME), json=body).json()["choices"][0]["text"]
+        text = combined.json()["choices"][0]["text"]
+        assert text == reference.json()["choices"][0]["text"] and text != base
+    finally:
+        assert http.delete("/admin/adapters/acme/cat-reference", headers=auth(ADMIN)).status_code == 200
+
+    three = [{"id": "acme/pirate"}, {"id": "globex/poet"}, {"id": "shared/french"}]  # 24 > 16: reduced
+    chat = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True,
+            "adapters": three}
+    with http.stream("POST", "/v1/chat/completions", headers=auth(ADMIN), json=chat) as streamed:
+        assert streamed.status_code == 200
+        events = [line.removeprefix("data: ") for line in streamed.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[-1]["lora_serve"] == {"combination": "svd"}
+    assert all(chunk["lora_serve"] is None for chunk in chunks[:-1])
+
+
+def test_bad_combinations_are_4xx_with_a_json_error(http):
+    body = {"model": BASE_MODEL, "prompt": "hi", "max_tokens": 2, "adapters": HALF_AND_HALF}
+    for changes, status, error_type in BAD_COMBINATIONS:
+        response = http.post("/v1/completions", headers=auth(ACME), json={**body, **changes})
+        assert response.status_code == status, (changes, response.text)
+        assert response.json()["error"]["type"] == error_type, (changes, response.text)
+
+
+def greedy_text(http, key: str, model: str) -> str:
+    response = complete(http, key, model, temperature=0, max_tokens=8, ignore_eos=True)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def test_a_disabled_adapter_answers_409_or_the_base_model_until_it_is_enabled(http):
+    pirate, base = greedy_text(http, ACME, "acme/pirate"), greedy_text(http, ACME, BASE_MODEL)
+    assert pirate != base
+    assert http.post("/admin/adapters/acme/pirate/disable", headers=auth(ACME)).status_code == 403
+    assert http.post("/admin/adapters/acme/nobody/disable", headers=auth(ADMIN)).status_code == 404
+    bad = http.post("/admin/adapters/acme/pirate/disable", headers=auth(ADMIN), json={"fallback": "other"})
+    assert bad.status_code == 422 and complete(http, ACME, "acme/pirate").status_code == 200  # nothing changed
+
+    disabled = http.post("/admin/adapters/acme/pirate/disable", headers=auth(ADMIN))
+    assert disabled.status_code == 200 and disabled.json()["status"] == "disabled", disabled.text
+    try:
+        refused = complete(http, ACME, "acme/pirate")
+        assert refused.status_code == 409 and refused.json()["error"]["type"] == "adapter_disabled"
+        combination = complete(http, ACME, BASE_MODEL, adapters=HALF_AND_HALF)
+        assert combination.status_code == 409 and combination.json()["error"]["type"] == "adapter_disabled"
+        merge = http.post("/v1/adapters/merge", headers=auth(ACME), json={**MERGE, "name": "acme/from-disabled"})
+        assert merge.status_code == 409 and merge.json()["error"]["type"] == "adapter_disabled", merge.text
+        assert "acme/pirate" not in model_ids(http, ACME)
+        assert http.get("/admin/adapters/acme/pirate", headers=auth(ADMIN)).json()["disabled"]["fallback"] == "none"
+
+        fallback = http.post("/admin/adapters/acme/pirate/disable", headers=auth(ADMIN), json={"fallback": "base"})
+        assert fallback.status_code == 200
+        assert greedy_text(http, ACME, "acme/pirate") == base
+        assert complete(http, GLOBEX, "acme/pirate").status_code == 404  # still invisible to others
+    finally:
+        enabled = http.post("/admin/adapters/acme/pirate/enable", headers=auth(ADMIN))
+    assert enabled.status_code == 200 and enabled.json()["status"] == "ready"
+    assert greedy_text(http, ACME, "acme/pirate") == pirate
+    assert "acme/pirate" in model_ids(http, ACME)

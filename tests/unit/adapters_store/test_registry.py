@@ -104,6 +104,33 @@ def test_lifecycle_keeps_serving_the_last_good_version(registry):
     assert "acme/bot" not in registry and len(registry) == 0
 
 
+def test_disable_keeps_the_record_and_enable_restores_it(registry):
+    registry.register("acme/bot", "s3://bucket/prefix")
+    ready = registry.record_ready("acme/bot", "v1", SHA_A, 100, SUMMARY)
+    record = registry.set_disabled("acme/bot", "none")
+    assert record.status == "disabled" and record.served is None and record.serving == ready.serving
+    assert registry.set_disabled("acme/bot", "none") == record  # the same state: nothing changes
+    record = registry.set_disabled("acme/bot", "base")
+    assert record.disabled.fallback == "base"
+    record = registry.record_ready("acme/bot", "v2", SHA_B, 100, SUMMARY)  # versions still move while disabled
+    assert record.status == "disabled" and record.serving.version == "v2"
+    record = registry.set_disabled("acme/bot", None)
+    assert record.status == "ready" and record.served.version == "v2" and record.disabled is None
+    with pytest.raises(AdapterNotFoundError):
+        registry.set_disabled("acme/nobody", "none")
+
+
+def test_a_format_1_manifest_is_read_with_nothing_disabled(clock):
+    manifest = populated(clock).to_manifest()
+    old = json.loads(manifest_to_bytes(manifest))
+    old["format_version"] = 1
+    for record in old["records"].values():
+        del record["disabled"]
+    loaded = manifest_from_bytes(json.dumps(old).encode())
+    assert loaded.records == manifest.records
+    assert all(record.disabled is None for record in loaded.records.values())
+
+
 def test_first_version_rejected_serves_nothing(registry):
     registry.register("acme/bot", "s3://bucket")
     record = registry.record_rejected("acme/bot", "v1", "config has no peft_type")

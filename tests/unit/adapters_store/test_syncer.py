@@ -198,3 +198,39 @@ def test_a_named_merge_is_written_with_its_recipe_and_registered(tmp_path, geome
     assert sorted(p.name for p in (tmp_path / "store" / "merged" / "acme").iterdir()) == ["blend"]  # no leftovers
     assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".merge-")]
     assert sorted(r.adapter_id for r in syncer.records()) == ["acme/blend", "acme/pirate", "shared/french"]
+
+
+def test_a_disabled_adapter_stays_registered_serves_nothing_and_comes_back_when_enabled(tmp_path, geometry, place):
+    from adapters_store.merge_spec import MergeSpec
+    from lora_core.errors import AdapterDisabledError
+
+    place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "src" / "shared" / "french", seed=1)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    version = syncer.serving_version("acme/pirate")
+    record, changes = syncer.disable("acme/pirate", "base")
+    assert record.status == "disabled" and record.disabled.fallback == "base" and record.serving.version == version
+    assert changes == [AdapterChange("acme/pirate", None)]  # the replicas drop it
+    assert "acme/pirate" not in syncer.serving_versions() and syncer.serving_version("acme/pirate") is None
+    assert syncer.disabled_adapters() == {"acme/pirate": "base"}
+    with pytest.raises(AdapterDisabledError):
+        syncer.serving_checkpoint("acme/pirate")
+    with pytest.raises(AdapterDisabledError):  # a disabled input to a named merge
+        syncer.merge(MergeSpec(name="acme/blend", adapters=[{"id": "acme/pirate"}, {"id": "shared/french"}]))
+    assert syncer.disable("acme/pirate", "base")[1] == []  # again: nothing changes
+
+    place(tmp_path / "src" / "acme" / "pirate", seed=1)  # a new version while disabled: synced, not announced
+    report = syncer.sync()
+    assert report.updated == ["acme/pirate"] and report.changes == []
+    new_version = syncer.record("acme/pirate").serving.version
+    assert new_version != version
+
+    restarted = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])  # the state is in the manifest
+    assert restarted.disabled_adapters() == {"acme/pirate": "base"}
+    record, changes = restarted.enable("acme/pirate")
+    assert record.status == "ready" and changes == [AdapterChange("acme/pirate", new_version)]
+    assert restarted.serving_versions()["acme/pirate"] == new_version
+    assert restarted.enable("acme/pirate")[1] == []
+    with pytest.raises(AdapterNotFoundError):
+        restarted.disable("acme/nobody")

@@ -73,3 +73,44 @@ def test_model_list_puts_the_base_model_first():
     listing = ModelList.of("base", ["globex/b", "acme/a"])
     assert [card.id for card in listing.data] == ["base", "acme/a", "globex/b"]
     assert [card.owned_by for card in listing.data] == ["lora-serve", "acme", "globex"]
+
+
+BASE = {"model": "base", "prompt": "hi"}
+
+
+def test_adapters_become_one_combination_in_a_canonical_order():
+    request = CompletionRequest.model_validate(
+        {**BASE, "adapters": [{"id": "shared/json", "weight": 0.3}, {"id": "acme/a", "weight": 0.7}]})
+    combination = request.combination()
+    assert combination.adapter_ids == ("acme/a", "shared/json")
+    same = CompletionRequest.model_validate(
+        {**BASE, "adapters": [{"id": "acme/a", "weight": 0.7}, {"id": "shared/json", "weight": 0.3}]})
+    assert same.combination().key == combination.key
+    other = CompletionRequest.model_validate(
+        {**BASE, "adapters": [{"id": "acme/a", "weight": 0.6}, {"id": "shared/json", "weight": 0.4}]})
+    assert other.combination().key != combination.key
+    generation = request.to_generation_request(None, combination)
+    assert generation.routing_key == combination.key and generation.adapter_id is None
+    assert CompletionRequest.model_validate({**BASE, "adapters": [{"id": "acme/a"}]}).combination().parts[0].weight == 1
+
+
+@pytest.mark.parametrize(
+    "adapters",
+    [
+        [],
+        [{"id": "acme/a", "weight": 0}],
+        [{"id": "acme/a", "weight": "nan"}],
+        [{"id": "acme/a", "weight": "inf"}],
+        [{"id": "acme/a", "weight": 1e9}],
+        [{"id": "acme/a", "weight": "heavy"}],
+        [{"id": "acme/a"}, {"id": "acme/a", "weight": 0.5}],
+        [{"id": f"acme/a{i}"} for i in range(9)],
+        [{"id": "acme/a", "scale": 2}],
+        [{"id": ""}],
+        "acme/a",
+    ],
+)
+def test_bad_adapter_lists_are_refused(adapters):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                              "adapters": adapters})

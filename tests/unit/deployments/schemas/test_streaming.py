@@ -33,3 +33,13 @@ def test_server_sent_events_frame_models_dicts_and_done():
     assert sse_event(usage) == f"data: {usage.model_dump_json()}\n\n"
     assert json.loads(sse_event({"error": {"type": "x"}})[len("data: "):]) == {"error": {"type": "x"}}
     assert sse_event("[DONE]") == "data: [DONE]\n\n"
+
+
+def test_the_last_chunk_of_a_combination_says_how_it_was_built():
+    for kind in ("chat", "completion"):
+        fmt = StreamFormat(kind, "base", include_usage=False)
+        (delta,) = fmt.chunk(GenerationChunk("Hi", None, prompt_tokens=3, combination="svd"))
+        (last,) = fmt.chunk(GenerationChunk("", "stop", prompt_tokens=3, completion_tokens=2, combination="svd"))
+        assert delta.lora_serve is None and last.lora_serve.combination == "svd"
+        (plain,) = fmt.chunk(GenerationChunk("", "stop", prompt_tokens=3, completion_tokens=2))
+        assert plain.lora_serve is None
