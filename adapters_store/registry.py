@@ -4,8 +4,10 @@ A record per adapter id holds its source URI, `current` (the newest version seen
 `serving` (the last version that passed validation, or None). The invariants:
 
 * `serving`, when set, is a version whose status is "ready"; a rejected new version never moves it,
-  so the previous good version keeps serving (rejecting the very version that serves clears it:
-  that version is no longer good).
+  so the previous good version keeps serving. `previous` holds the good versions before it,
+  newest first (at most `keep_versions - 1`): rejecting the very version that serves (a replica's
+  failed validation) or an admin's rollback moves `serving` back to `previous[0]` (with none
+  left, nothing serves).
 * A deleted record keeps `current` for the audit trail but serves nothing; `get` and `list` hide
   it unless asked. Registering the id again starts a fresh record.
 * A disabled record keeps everything (new versions are still synced and validated) but nothing
@@ -33,12 +35,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from lora_core.adapter_ids import AdapterId, parse_adapter_id, parse_source_uri, validate_adapter_id
 from lora_core.errors import (
     AdapterNotFoundError,
+    InvalidRequestError,
     LoraServeError,
     ManifestCorruptError,
     ManifestError,
     ManifestVersionError,
 )
 from lora_core.files import write_atomic
+from lora_core.probe import AdapterProbe
 from lora_core.settings import SourceInput
 
 if TYPE_CHECKING:  # checkpoint.py imports torch; the registry must not
@@ -70,7 +74,8 @@ __all__ = [
 logger = logging.getLogger("adapters_store.registry")
 
 MANIFEST_FORMAT_VERSION = 2
-"""2: records carry `disabled`. Format 1 files are read as they are (nothing disabled)."""
+"""2: records carry `disabled` and `previous`, versions their `probe`. Format 1 files are read as
+they are (nothing disabled, no earlier versions kept)."""
 
 AdapterStatus = Literal["ready", "rejected", "deleted", "disabled"]
 Fallback = Literal["none", "base"]
@@ -147,6 +152,7 @@ class AdapterVersion(BaseModel):
     config: Optional[AdapterConfigSummary] = None
     reason: Optional[str] = Field(default=None, description="why it was rejected, how to fix it")
     reason_code: Optional[str] = Field(default=None, description="InvalidAdapterError.reason, when there is one")
+    probe: Optional[AdapterProbe] = Field(default=None, description="probe.json, checked by replicas on each swap-in")
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -183,6 +189,7 @@ class AdapterRecord(BaseModel):
     source_uri: str = Field(description="canonical source URI (s3://, hf://...@rev or file:///)")
     current: Optional[AdapterVersion] = Field(default=None, description="the newest version seen")
     serving: Optional[AdapterVersion] = Field(default=None, description="the last good version")
+    previous: list[AdapterVersion] = Field(default_factory=list, description="good versions before it, newest first")
     deleted: bool = False
     disabled: Optional[Disabled] = Field(default=None, description="set while an admin has it disabled")
     created_at: UtcDatetime
@@ -207,6 +214,9 @@ class AdapterRecord(BaseModel):
                 raise ValueError(f"{self.adapter_id}: a deleted adapter serves nothing")
         if self.serving is not None and self.current is None:
             raise ValueError(f"{self.adapter_id}: serving a version but has no current version")
+        for old in self.previous:
+            if old.status != "ready" or (self.serving is not None and old.version == self.serving.version):
+                raise ValueError(f"{self.adapter_id}: previous version {old.version!r} is not an earlier good one")
         if self.updated_at < self.created_at:
             raise ValueError(f"{self.adapter_id}: updated before it was created")
         return self
@@ -314,9 +324,12 @@ class Registry:
     consistent copy, when the actor runs them from threads. Nothing here does I/O: the caller saves `to_manifest()` after a change.
     """
 
-    def __init__(self, manifest: Optional[Manifest] = None, clock: Clock = utc_now) -> None:
+    def __init__(self, manifest: Optional[Manifest] = None, clock: Clock = utc_now, keep_versions: int = 2) -> None:
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be >= 1")
         self._records: dict[str, AdapterRecord] = dict(manifest.records) if manifest else {}
         self._clock = clock
+        self.keep_versions = keep_versions
         self._lock = threading.RLock()
 
     def _now(self) -> datetime:
@@ -341,7 +354,8 @@ class Registry:
             return record
 
     def record_ready(
-        self, adapter_id: str, version: str, sha256: str, size_bytes: int, summary: AdapterConfigSummary
+        self, adapter_id: str, version: str, sha256: str, size_bytes: int, summary: AdapterConfigSummary,
+        probe: Optional[AdapterProbe] = None,
     ) -> AdapterRecord:
         """`version` passed validation: it becomes current and serving. Recording the serving
         version again with the same hash changes nothing (not even timestamps)."""
@@ -359,10 +373,26 @@ class Registry:
                 return record
             created = current.created_at if current is not None and current.version == version else now
             ready = AdapterVersion(
-                version=version, status="ready", sha256=sha256, size_bytes=size_bytes, config=summary,
+                version=version, status="ready", sha256=sha256, size_bytes=size_bytes, config=summary, probe=probe,
                 created_at=created, updated_at=now,
             )
-            return self._put(_replace(record, current=ready, serving=ready, updated_at=now))
+            previous = self._previous_after(record, ready)
+            return self._put(_replace(record, current=ready, serving=ready, previous=previous, updated_at=now))
+
+    def _previous_after(self, record: AdapterRecord, new: AdapterVersion) -> list[AdapterVersion]:
+        """The good versions to keep behind `new` once it serves."""
+        older = ([record.serving] if record.serving is not None else []) + list(record.previous)
+        kept = [v for v in older if v.version != new.version]
+        return kept[: self.keep_versions - 1]
+
+    def roll_back(self, adapter_id: str) -> AdapterRecord:
+        """Serve the previous good version again (an admin's call); InvalidRequestError when there is none."""
+        with self._lock:
+            record = self._live(adapter_id)
+            if not record.previous:
+                raise InvalidRequestError(f"adapter {adapter_id!r} has no earlier good version to roll back to")
+            back, *rest = record.previous
+            return self._put(_replace(record, serving=back, previous=rest, updated_at=self._now()))
 
     def record_rejected(
         self,
@@ -384,11 +414,13 @@ class Registry:
                 version=version, status="rejected", sha256=sha256, size_bytes=size_bytes,
                 reason=reason, reason_code=reason_code, created_at=created, updated_at=now,
             )
-            serving = record.serving
+            serving, previous = record.serving, list(record.previous)
             if serving is not None and serving.version == version:
-                logger.warning("adapter %s: its serving version %s is now rejected: %s", adapter_id, version, reason)
-                serving = None
-            return self._put(_replace(record, current=rejected, serving=serving, updated_at=now))
+                serving = previous.pop(0) if previous else None
+                logger.warning("adapter %s: its serving version %s is now rejected (%s); serving %s", adapter_id,
+                               version, reason, serving.version if serving is not None else "nothing")
+            previous = [v for v in previous if v.version != version]
+            return self._put(_replace(record, current=rejected, serving=serving, previous=previous, updated_at=now))
 
     def mark_deleted(self, adapter_id: str) -> AdapterRecord:
         """Hide the adapter and stop serving it; idempotent. Unknown ids raise AdapterNotFoundError."""
@@ -399,7 +431,7 @@ class Registry:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
             if record.deleted:
                 return record
-            return self._put(_replace(record, deleted=True, serving=None, updated_at=self._now()))
+            return self._put(_replace(record, deleted=True, serving=None, previous=[], updated_at=self._now()))
 
     def set_disabled(self, adapter_id: str, fallback: Optional[Fallback]) -> AdapterRecord:
         """Disable (`fallback` given) or enable (None) a live adapter; the same state again changes nothing."""

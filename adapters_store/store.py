@@ -22,6 +22,7 @@ failing. A new epoch tells every replica to resync.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -34,7 +35,7 @@ from adapters_store.change_feed import ChangeFeed
 from adapters_store.merge_spec import MergeSpec
 from adapters_store.registry import AdapterRecord
 from adapters_store.syncer import AdapterSyncer
-from lora_core.changes import AdapterChange, ChangeBatch
+from lora_core.changes import AdapterChange, AdapterOnReplica, ChangeBatch
 from lora_core.errors import InvalidAdapterError
 from lora_core.geometry import slot_geometry
 from lora_core.payload import payload_from_checkpoint
@@ -53,6 +54,7 @@ STORE_MAX_CONCURRENCY = 256
 class ReplicaReport:
     warm: dict[str, str]  # adapter id -> version in its slot
     seen_s: float
+    adapters: dict[str, AdapterOnReplica]  # per adapter it holds: version, slot, swaps, requests, validation
 
 
 class AdapterStore:
@@ -74,7 +76,7 @@ class AdapterStore:
     # ---- the admin surface ---------------------------------------------------------------------
 
     def status(self) -> dict:
-        replicas = {rid: sorted(warm) for rid, warm in self._live_reports().items()}
+        replicas = {rid: sorted(report.warm) for rid, report in self._live_reports().items()}
         return {**self.syncer.status(), "epoch": self.feed.epoch, "seq": self.feed.seq, "replicas": replicas}
 
     def register(self, adapter_id: str, uri: str, options: Optional[dict] = None) -> dict:
@@ -138,11 +140,23 @@ class AdapterStore:
             self._payloads[adapter_id] = (version, ref)
             return version, [ref]
 
-    def poll(self, replica_id: str, epoch: Optional[str], since: int, warm: dict[str, str], timeout_s: float) -> ChangeBatch:
-        """Long-poll for changes after `since`; `warm` is what the replica has in its slots now."""
+    def poll(self, replica_id: str, epoch: Optional[str], since: int, warm: dict[str, str], timeout_s: float,
+             adapters: Optional[dict[str, AdapterOnReplica]] = None) -> ChangeBatch:
+        """Long-poll for changes after `since`; `warm` is what the replica has in its slots now,
+        `adapters` what it says about each adapter it holds."""
         with self._lock:
-            self._replicas[replica_id] = ReplicaReport(dict(warm), time.monotonic())
+            self._replicas[replica_id] = ReplicaReport(dict(warm), time.monotonic(), dict(adapters or {}))
         return self.feed.poll(epoch, since, min(max(timeout_s, 0.0), MAX_POLL_S))
+
+    def report_rejected(self, adapter_id: str, version: str, reason: str, replica_id: str) -> None:
+        """A replica found `version` bad after it landed: rejected, the previous good one serves."""
+        logger.warning("replica %s rejected %s version %s: %s", replica_id, adapter_id, version, reason)
+        self._publish(self.syncer.report_rejected(adapter_id, version, f"replica {replica_id}: {reason}"))
+
+    def rollback(self, adapter_id: str) -> dict:
+        record, changes = self.syncer.rollback(adapter_id)
+        self._publish(changes)
+        return self._describe(record)
 
     def replica_versions(self, replica_id: str) -> dict[str, str]:
         """What a replica last reported warm: adapter id -> the version in its slot."""
@@ -152,11 +166,11 @@ class AdapterStore:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _live_reports(self) -> dict[str, dict[str, str]]:
-        """replica id -> its warm adapters and versions, for replicas heard from within the TTL."""
+    def _live_reports(self) -> dict[str, ReplicaReport]:
+        """replica id -> its last report, for replicas heard from within the TTL."""
         now = time.monotonic()
         with self._lock:
-            return {rid: dict(r.warm) for rid, r in self._replicas.items() if now - r.seen_s < REPLICA_REPORT_TTL_S}
+            return {rid: r for rid, r in self._replicas.items() if now - r.seen_s < REPLICA_REPORT_TTL_S}
 
     def _served(self, record: AdapterRecord) -> dict:
         current = record.current
@@ -165,8 +179,14 @@ class AdapterStore:
         return self._describe(record)
 
     def _describe(self, record: AdapterRecord) -> dict:
-        warm_on = sorted(rid for rid, warm in self._live_reports().items() if record.adapter_id in warm)
-        return {**record.model_dump(mode="json"), "status": record.status, "warm_on": warm_on}
+        """The record, the replicas it is warm on, and what each replica holding it reports."""
+        reports = self._live_reports()
+        warm_on = sorted(rid for rid, report in reports.items() if record.adapter_id in report.warm)
+        on_replicas = [
+            {"replica_id": rid, **dataclasses.asdict(report.adapters[record.adapter_id])}
+            for rid, report in sorted(reports.items()) if record.adapter_id in report.adapters
+        ]
+        return {**record.model_dump(mode="json"), "status": record.status, "warm_on": warm_on, "replicas": on_replicas}
 
     def _publish(self, changes: list[AdapterChange]) -> None:
         if not changes:

@@ -133,7 +133,7 @@ class AdapterSyncer:
         self._source_factory = source_factory
         self._lock = threading.RLock()
         manifest = load_manifest(self.manifest_path)
-        self.registry = Registry(manifest, clock)
+        self.registry = Registry(manifest, clock, keep_versions=config.keep_versions)
         self._specs: dict[str, SourceSpec] = {spec.key: spec for spec in manifest.sources}
         for source in config.sources:
             spec = SourceSpec.of(source)
@@ -280,6 +280,31 @@ class AdapterSyncer:
                 return record, []
             logger.info("enabled adapter %s", adapter_id)
             return record, [AdapterChange(record.adapter_id, record.served.version)]
+
+    def report_rejected(self, adapter_id: str, version: str, reason: str) -> list[AdapterChange]:
+        """A replica found `version` bad after it landed (`reason`): reject it, and if it was
+        serving, serve the previous good version. A report about a version no longer serving
+        (another replica reported it first) changes nothing."""
+        with self._lock:
+            record = self.registry.get(adapter_id)
+            if record.serving is None or record.serving.version != version:
+                return []
+            record = self.registry.record_rejected(adapter_id, version, reason, "swap_validation",
+                                                   sha256=record.serving.sha256, size_bytes=record.serving.size_bytes)
+            self._save()
+            return [self._served_change(record)]
+
+    def rollback(self, adapter_id: str) -> tuple[AdapterRecord, list[AdapterChange]]:
+        """Serve the previous good version again; InvalidRequestError when there is none."""
+        with self._lock:
+            record = self.registry.roll_back(adapter_id)
+            self._save()
+            logger.info("adapter %s rolled back to version %s", adapter_id, record.serving.version)
+            return record, [self._served_change(record)]
+
+    @staticmethod
+    def _served_change(record: AdapterRecord) -> AdapterChange:
+        return AdapterChange(record.adapter_id, record.served.version if record.served is not None else None)
 
     def sync(self, keys: Optional[list[str]] = None, force: bool = False) -> SyncReport:
         """Sync the given sources (default: all). `force` re-downloads versions already seen."""
@@ -440,12 +465,11 @@ class AdapterSyncer:
         shutil.rmtree(destination, ignore_errors=True)
         folder.rename(destination)
         before = self.registry.get(adapter_id).serving
-        self.registry.record_ready(
-            adapter_id, version, checkpoint.sha256, checkpoint.size_bytes, AdapterConfigSummary.from_checkpoint(checkpoint)
+        record = self.registry.record_ready(
+            adapter_id, version, checkpoint.sha256, checkpoint.size_bytes, AdapterConfigSummary.from_checkpoint(checkpoint),
+            probe=checkpoint.probe,
         )
-        for old in destination.parent.iterdir():
-            if old != destination:
-                shutil.rmtree(old, ignore_errors=True)
+        self._remove_unkept_versions(record)
         if before is None or before.version != version or before.sha256 != checkpoint.sha256:
             report.updated.append(adapter_id)
             if self.registry.get(adapter_id).disabled is None:  # a disabled one is announced when enabled
@@ -459,6 +483,14 @@ class AdapterSyncer:
         logger.warning("adapter %s: version %s rejected: %s", adapter_id, version, error)
         if before is not None and record.serving is None and record.disabled is None:
             report.changes.append(AdapterChange(adapter_id, None))
+
+    def _remove_unkept_versions(self, record: AdapterRecord) -> None:
+        """Version folders other than the serving one and the `previous` a rollback may need."""
+        kept = {_version_folder_name(v.version) for v in [record.serving, *record.previous] if v is not None}
+        folder = adapter_dir(self._versions_root, record.adapter_id)
+        for old in folder.iterdir() if folder.is_dir() else ():
+            if old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _version_folder(self, adapter_id: str, version: str) -> Path:
         return adapter_dir(self._versions_root, adapter_id) / _version_folder_name(version)

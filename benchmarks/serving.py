@@ -335,7 +335,8 @@ def start_lora_serve(args, engine_model: str, tmp: Path, adapters_root: Path) ->
     ray_tmp = tempfile.mkdtemp(prefix="rsb-", dir="/tmp")  # short: Ray's socket paths have a 107-byte limit
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # our own local Ray, never another
     env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", "cluster.serve_local", "--config", str(config_path), "--ray-temp-dir", ray_tmp]
+    command = [sys.executable, "-m", "cluster.serve_local", "--config", str(config_path), "--ray-temp-dir", ray_tmp,
+               "--dashboard-port", "0"]  # no dashboard: nothing but the server on the cores
     server = ServerProcess("lora_serve", command, env, tmp / "lora_serve.log")
     return server, f"http://127.0.0.1:{port}", ray_tmp
 

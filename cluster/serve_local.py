@@ -1,8 +1,9 @@
 """`make serve`: run serve_config.yaml on an embedded local Ray until Ctrl-C or SIGTERM.
 
-    python -m cluster.serve_local [--config serve_config.yaml] [--ray-temp-dir DIR]
+    python -m cluster.serve_local [--config serve_config.yaml] [--ray-temp-dir DIR] [--dashboard-port 8265]
 
-Starts Ray in this process (no dashboard, worker logs not echoed here), starts Serve's HTTP proxy
+Starts Ray in this process (its dashboard on 127.0.0.1:8265, so `ray job submit --address
+http://127.0.0.1:8265` runs jobs on it; worker logs not echoed here), starts Serve's HTTP proxy
 with the config's `http_options`, builds each application with its `import_path` builder and
 `args` (the same `build_app(args)` that `serve run` / `serve deploy` call), prints the URL and a
 curl line, and blocks. Ctrl-C or SIGTERM shuts Serve down and then Ray, so no raylet or GCS
@@ -40,6 +41,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m cluster.serve_local", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="a Serve config file (default: %(default)s)")
     parser.add_argument("--ray-temp-dir", default=None, help="Ray's session folder (default: Ray's own, /tmp/ray)")
+    parser.add_argument("--dashboard-port", type=int, default=8265,
+                        help="Ray's dashboard and job API on 127.0.0.1 (default: %(default)s; 0: none)")
     return parser.parse_args(argv)
 
 
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     init_options = {"include_dashboard": False, "log_to_driver": False}
+    if options.dashboard_port:
+        init_options.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=options.dashboard_port)
     if options.ray_temp_dir:
         init_options["_temp_dir"] = str(Path(options.ray_temp_dir).resolve())
     try:

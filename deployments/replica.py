@@ -105,8 +105,12 @@ class LoraReplica:
 
     def _rebuild(self, engine_config: EngineConfig, adapters: dict[str, str]) -> None:
         threads = engine_config.torch_threads or cpu_allotment()
-        resolver = self._subscription.resolve if self._subscription is not None else None
-        engine = Engine(engine_config.model_copy(update={"torch_threads": threads}), resolver=resolver)
+        subscription = self._subscription
+        engine = Engine(
+            engine_config.model_copy(update={"torch_threads": threads}),
+            resolver=subscription.resolve if subscription is not None else None,
+            on_rejected=subscription.report_rejected if subscription is not None else None,
+        )
         try:
             for adapter_id, folder in adapters.items():
                 engine.register_adapter(adapter_id, folder)

@@ -11,6 +11,7 @@
     DELETE /admin/adapters/{tenant}/{name}
     POST   /admin/adapters/{tenant}/{name}/disable   {fallback: none | base}: registered, not served
     POST   /admin/adapters/{tenant}/{name}/enable
+    POST   /admin/adapters/{tenant}/{name}/rollback  serve the previous good version again
     POST   /admin/sources                   {uri, options}: watch a root of <tenant>/<name>/ folders
     POST   /admin/sync                      sync every source now
     GET    /admin/store                     the store's status (degraded when a source is down)
@@ -235,6 +236,10 @@ class Router:
         record = await self._store_call("enable", f"{tenant}/{name}")
         self._disabled.pop(record["adapter_id"], None)
         return record
+
+    @app.post("/admin/adapters/{tenant}/{name}/rollback")
+    async def admin_rollback(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("rollback", f"{tenant}/{name}")
 
     @app.post("/admin/sources", status_code=201)
     async def admin_add_source(self, body: RegisterSourceRequest, _admin: Caller = Depends(admin_caller)):

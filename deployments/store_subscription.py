@@ -3,11 +3,14 @@
   - `resolve(adapter_id)` is the engine's resolver: the store's `locate` gives the serving
     version and an ObjectRef of its payload, read from the object store (zero-copy on this node,
     a transfer from another node), never from S3.
-  - A thread long-polls the store's change feed, reporting this replica's warm set each time,
+  - A thread long-polls the store's change feed, reporting this replica's warm set (and, per
+    adapter, its version, slot, swap time, requests, tokens and last validation) each time,
     and hands every answer to the engine's residency (`AdapterResidency.follow_store`), which
     applies it: a new version of a warm adapter goes into its slot before its next batch, one only
     cached is dropped, a deleted one is removed; a full resync (first poll, store restarted,
     missed changes) does the same for every adapter the replica holds.
+  - `report_rejected` tells the store at once that a version failed its check here (the engine's
+    `on_rejected`), so it serves the previous good version.
 If the store is down the thread retries with backoff; serving goes on from what is cached.
 """
 
@@ -65,12 +68,19 @@ class StoreSubscription:
             raise SourceUnavailableError(f"the adapter store could not be reached: {error}") from None
         return checkpoint_from_payload(payload), version
 
+    def report_rejected(self, adapter_id: str, version: str, reason: str) -> None:
+        """Tell the store a version failed its check here; does not wait for the answer."""
+        self._store.report_rejected.remote(adapter_id, version, reason, self.replica_id)
+
     def _run(self) -> None:
         delay = FIRST_RETRY_DELAY_S
         while not self._stopped.is_set():
+            engine = self._current_engine()
+            adapters = engine.residency.adapter_reports() if engine is not None else {}
             try:
                 batch: ChangeBatch = ray.get(
-                    self._store.poll.remote(self.replica_id, self._epoch, self._seq, self._warm, POLL_TIMEOUT_S),
+                    self._store.poll.remote(self.replica_id, self._epoch, self._seq, self._warm, POLL_TIMEOUT_S,
+                                            adapters),
                     timeout=POLL_TIMEOUT_S + CALL_TIMEOUT_S,
                 )
             except Exception as error:

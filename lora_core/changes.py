@@ -1,4 +1,5 @@
-"""The messages the adapter store sends replicas when adapters change (through its change feed).
+"""The messages between the adapter store and replicas: the changes it sends them (through its
+change feed), and what each replica reports back about the adapters it holds.
 
 Frozen dataclasses: they cross Ray pickled, between the store actor and every replica.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["AdapterChange", "ChangeBatch"]
+__all__ = ["AdapterChange", "AdapterOnReplica", "ChangeBatch"]
 
 
 @dataclass(frozen=True)
@@ -33,3 +34,18 @@ class ChangeBatch:
         if self.resync:
             return dict(self.serving)
         return {change.adapter_id: change.version for change in self.changes}
+
+
+@dataclass(frozen=True)
+class AdapterOnReplica:
+    """One adapter as one replica holds it (`GET /admin/adapters/{id}` shows one per replica)."""
+
+    version: str | None = None
+    """The version its next batch runs there; None when only its folder is known."""
+    slot: int | None = None
+    last_swap_ms: float | None = None
+    requests: int = 0
+    tokens: int = 0
+    """Requests that ended there, and the tokens they generated."""
+    validation: str | None = None
+    """"ok", or why the last version checked there was rejected; None: none checked yet."""

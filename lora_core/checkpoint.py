@@ -10,6 +10,7 @@ unpickled. No Ray, no HTTP: torch and safetensors only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,7 +26,8 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from lora_core.errors import InvalidAdapterError
 from lora_core.geometry import DEFAULT_MAX_SIZE_BYTES, SlotGeometry, normalize_model_name
-from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES
+from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES, PROBE_FILE
+from lora_core.probe import AdapterProbe
 
 __all__ = [
     "LoraCheckpoint",
@@ -35,6 +37,7 @@ __all__ = [
     "checkpoint_from_state_dict",
     "parse_config",
     "read_checkpoint",
+    "read_probe",
     "validate_checkpoint",
 ]
 
@@ -80,6 +83,16 @@ def _pattern_key(patterns: Mapping[str, object], module_name: str) -> str:
     return module_name
 
 
+def read_probe(folder: str | Path) -> AdapterProbe | None:
+    path = Path(folder) / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return AdapterProbe.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        raise InvalidAdapterError(f"{PROBE_FILE} is invalid: {error}", "invalid_config") from None
+
+
 @dataclass(frozen=True)
 class LoraModuleWeights:
     lora_a: torch.Tensor  # [r, in_features]
@@ -100,6 +113,9 @@ class LoraCheckpoint:
     size_bytes: int
     sha256: str  # of adapter_model.safetensors
     version: str  # of the config and the weights together: a config-only change is a new version
+    probe: AdapterProbe | None = None
+    fingerprint: Mapping[str, tuple[float, float, float, float]] | None = None
+    """What a slot must hold (`lora_core.fingerprint`), as the store computed it; None: not given."""
 
     @property
     def max_rank(self) -> int:
@@ -131,7 +147,9 @@ def read_checkpoint(folder: str | Path, max_size_bytes: int = DEFAULT_MAX_SIZE_B
         config_dict = json.loads(config_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidAdapterError(f"{ADAPTER_CONFIG_FILE} is not valid JSON: {error}", "invalid_config") from None
-    return checkpoint_from_bytes(config_dict, weights_path.read_bytes())
+    checkpoint = checkpoint_from_bytes(config_dict, weights_path.read_bytes())
+    probe = read_probe(folder)
+    return dataclasses.replace(checkpoint, probe=probe) if probe is not None else checkpoint
 
 
 def checkpoint_from_bytes(config_dict: object, weights: bytes) -> LoraCheckpoint:

@@ -13,6 +13,7 @@
     ├── OverloadedError                 503  every replica's queue is full (Retry-After)
     ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
     ├── EngineClosedError               503  the engine was shut down
+    ├── SwapValidationError             503  a new version failed its check after a swap (rolled back)
     ├── ServiceUnavailableError         503  no replica answers (/healthz), or a replica died mid-call
     ├── SourceError                          a source of adapters failed:
     │   ├── SourceUnavailableError      503      it could not be reached or answered 5xx: retry later
@@ -52,6 +53,7 @@ __all__ = [
     "SourceError",
     "SourceRefusedError",
     "SourceUnavailableError",
+    "SwapValidationError",
     "UnauthorizedError",
 ]
 
@@ -189,6 +191,14 @@ class SlotsExhaustedError(LoraServeError):
 class EngineClosedError(LoraServeError):
     status_code = 503
     code = "engine_closed"
+
+
+class SwapValidationError(LoraServeError):
+    """A new version did not pass the check after it landed in a slot (its slot rows did not match
+    the store's checksum, or its probe's answer was wrong): it is not served and is reported."""
+
+    status_code = 503
+    code = "swap_validation_failed"
 
 
 class ServiceUnavailableError(LoraServeError):

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from lora_core.checkpoint import LoraCheckpoint, LoraModuleWeights, parse_config
+from lora_core.fingerprint import fingerprint
+from lora_core.probe import AdapterProbe
 
 __all__ = ["AdapterPayload", "checkpoint_from_payload", "payload_from_checkpoint"]
 
@@ -37,6 +39,8 @@ class AdapterPayload:
     sha256: str
     size_bytes: int
     tensors: Mapping[str, tuple[PayloadTensor, PayloadTensor]]  # module name -> (A, B)
+    fingerprint: Mapping[str, tuple[float, float, float, float]]  # what a slot must hold (lora_core.fingerprint)
+    probe: AdapterProbe | None = None
 
 
 def _pack(tensor: torch.Tensor) -> PayloadTensor:
@@ -55,7 +59,8 @@ def payload_from_checkpoint(
     adapter_id: str, version: str, config: Mapping[str, object], checkpoint: LoraCheckpoint
 ) -> AdapterPayload:
     tensors = {name: (_pack(w.lora_a), _pack(w.lora_b)) for name, w in checkpoint.modules.items()}
-    return AdapterPayload(adapter_id, version, dict(config), checkpoint.sha256, checkpoint.size_bytes, tensors)
+    return AdapterPayload(adapter_id, version, dict(config), checkpoint.sha256, checkpoint.size_bytes, tensors,
+                          fingerprint(checkpoint), checkpoint.probe)
 
 
 def checkpoint_from_payload(payload: AdapterPayload) -> LoraCheckpoint:
@@ -66,5 +71,6 @@ def checkpoint_from_payload(payload: AdapterPayload) -> LoraCheckpoint:
         for name, (a, b) in payload.tensors.items()
     }
     return LoraCheckpoint(
-        config=config, modules=modules, size_bytes=payload.size_bytes, sha256=payload.sha256, version=payload.version
+        config=config, modules=modules, size_bytes=payload.size_bytes, sha256=payload.sha256, version=payload.version,
+        probe=payload.probe, fingerprint=payload.fingerprint,
     )

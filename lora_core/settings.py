@@ -78,6 +78,8 @@ class StoreConfig(BaseModel):
     max_backoff_s: float = Field(60.0, gt=0, description="longest wait before retrying an unreachable source")
     fetch_workers: int = Field(4, ge=1, le=64, description="parallel downloads per sync")
     show_progress: bool = Field(False, description="progress bars for downloads (a terminal: the CLI, a job)")
+    keep_versions: int = Field(2, ge=1, le=100, description="good versions kept per adapter: the serving one and "
+                               "the ones a rollback goes back to")
 
     def resolved_root(self) -> Path:
         return Path(self.root or default_store_root()).resolve()

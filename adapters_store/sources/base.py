@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from lora_core.adapter_ids import adapter_dir
 from lora_core.errors import InvalidAdapterError, LoraServeError, SourceError
-from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES
+from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES, PROBE_FILE
 
 logger = logging.getLogger("adapters_store.sources")
 
 FETCHED_FILES = (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE)
 # Files that make a folder an adapter and count in its version. Pickles are listed (so the store
 # can record why the adapter is refused) but never downloaded.
-KNOWN_FILES = FETCHED_FILES + PICKLE_WEIGHT_FILES
+KNOWN_FILES = FETCHED_FILES + (PROBE_FILE,) + PICKLE_WEIGHT_FILES
 
 T = TypeVar("T")
 
@@ -84,7 +84,8 @@ class AdapterSource(Protocol):
 
 
 def files_to_fetch(adapter: RemoteAdapter) -> tuple[RemoteFile, ...]:
-    """The config and safetensors weights, or InvalidAdapterError naming what is missing.
+    """The config and safetensors weights (and the probe when there is one), or
+    InvalidAdapterError naming what is missing.
 
     Raised before any download so the store can record the reason (`pickle_file` when the only
     weights are a pickle, which is never downloaded or unpickled)."""
@@ -100,7 +101,8 @@ def files_to_fetch(adapter: RemoteAdapter) -> tuple[RemoteFile, ...]:
         raise InvalidAdapterError(f"{adapter.location} has no {ADAPTER_WEIGHTS_FILE}", "missing_file")
     if present[0] is None:
         raise InvalidAdapterError(f"{adapter.location} has no {ADAPTER_CONFIG_FILE}", "missing_file")
-    return tuple(f for f in present if f is not None)
+    probe = adapter.file(PROBE_FILE)
+    return (*present, probe) if probe is not None else tuple(present)
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,14 @@ from deployments.engine.devices import compile_enabled, resolve_device, resolve_
 from deployments.engine.handles import RequestHandle
 from deployments.engine.kv_cache import LaneKVCache
 from deployments.engine.model_runner import ModelRunner
-from deployments.engine.residency import AdapterResidency, AdapterResolver
+from deployments.engine.residency import AdapterResidency, AdapterResolver, RejectionReporter
 from deployments.engine.scheduler import Scheduler, SchedulerSettings
-from deployments.engine.slot_lora import SlotLoraModel
+from deployments.engine.slot_lora import PreparedAdapter, SlotLoraModel
 from deployments.engine.slots import BASE_SLOT
 from lora_core.checkpoint import LoraCheckpoint
 from lora_core.errors import AdapterNotFoundError, EngineClosedError, InvalidRequestError
 from lora_core.geometry import normalize_model_name
+from lora_core.probe import AdapterProbe
 from lora_core.settings import EngineConfig
 
 __all__ = ["Engine", "chat_turns", "load_engine_base", "slot_model_for"]
@@ -73,6 +74,7 @@ class Engine:
         config: EngineConfig,
         resolver: AdapterResolver | None = None,
         base: LoadedBaseModel | None = None,
+        on_rejected: RejectionReporter | None = None,
     ) -> None:
         self.config = config
         if config.torch_threads:
@@ -93,8 +95,9 @@ class Engine:
         ))
         self.residency = AdapterResidency(
             self.slot_model, config.num_slots, config.host_cache_bytes, config.max_adapter_bytes,
-            loop=self.scheduler, resolver=resolver,
+            loop=self.scheduler, resolver=resolver, on_rejected=on_rejected,
         )
+        self.residency.prober = self._answer_probe
         if self.runner.compiled:
             started = time.perf_counter()
             with torch.no_grad():
@@ -193,6 +196,17 @@ class Engine:
                     residency.release(key)
 
         return self.scheduler.call(forward)
+
+    def _answer_probe(self, probe_id: str, prepared: PreparedAdapter, probe: AdapterProbe) -> str:
+        """A new version's greedy answer to its probe, from a temporary slot under `probe_id`
+        (so no request for the adapter runs on it before it answered right)."""
+        self.residency.host_cache.put(probe_id, prepared, probe_id)
+        try:
+            expected_tokens = len(self.tokenizer.encode(probe.expected, add_special_tokens=False))
+            params = SamplingParams(max_tokens=expected_tokens + 2, temperature=0.0)
+            return self.submit(GenerationRequest(probe_id, params, prompt=probe.prompt)).result().text
+        finally:
+            self.residency.evict(probe_id)
 
     # ---- what it reports ------------------------------------------------------------------------
 

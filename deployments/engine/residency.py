@@ -22,6 +22,15 @@ when the last of them ends. A swap never waits for the longest running request. 
 works the same way: running requests finish, queued ones fail with 404, the slot is zeroed when
 freed.
 
+Validation (PEFT's hotswap workflow, last step). The first time a version lands in a slot here,
+its slot rows are checked against its fingerprint (`lora_core.fingerprint`: the store's, sent
+with the payload), so a partial, misplaced or mis-scaled copy is caught before a row runs on it;
+and a version with a probe (`probe.json`) answers it, greedy, on a temporary slot before it
+becomes visible. A version that fails is never served: its slot is zeroed, the store is told
+(`on_rejected`), and the requests waiting for the adapter get the version the store serves
+instead (the previous good one), or SwapValidationError when none comes within
+`REJECTED_WAIT_S`.
+
 Threads. Slot tensors are written only on the engine's loop thread, between steps (so a row
 never sees a half-written slot): methods marked "loop thread" are called there by the scheduler,
 and the others hand slot work to the loop (`ModelLoop.call`). Host-cache work runs on any thread.
@@ -32,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,8 +54,10 @@ from deployments.engine.combinations import combination_version, combine_checkpo
 from deployments.engine.host_cache import CacheEntry, HostCache
 from deployments.engine.slot_lora import PreparedAdapter, SlotLoraModel
 from deployments.engine.slots import PoolSnapshot, SlotPool
+from lora_core.changes import AdapterOnReplica
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
-from lora_core.errors import AdapterNotFoundError
+from lora_core.errors import AdapterNotFoundError, SwapValidationError
+from lora_core.probe import AdapterProbe
 
 __all__ = ["AdapterResidency", "AdapterResolver", "ModelLoop", "Placement", "slot_key"]
 
@@ -59,9 +71,21 @@ checkpoints were scanned for NaN/inf by whoever published them (the adapter stor
 still checks their shapes, ranks and targets against its slots."""
 
 LOAD_WORKERS = 4
+REJECTED_WAIT_S = 5.0
+"""How long a load waits for the store to stop serving a version this replica rejected."""
+MAX_VALIDATED = 4096
 MAX_COMBINATIONS = 1024
 """Recipes remembered per engine; the oldest unused one is forgotten (a request defines it again)."""
 _KEY_SEPARATOR = "@"  # never in an adapter id (lora_core.adapter_ids)
+
+
+_PROBE_PREFIX = "probe:"  # never in an adapter id either
+
+
+def _remember(seen: OrderedDict[str, None], key: str) -> None:
+    seen[key] = None
+    while len(seen) > MAX_VALIDATED:
+        seen.popitem(last=False)
 
 
 def slot_key(adapter_id: str, version: str) -> str:
@@ -97,9 +121,16 @@ class Placement:
     version: str | None
     """The version its next batch runs: the host copy's, else the slot's; None when only its
     folder is known (a local adapter not loaded since)."""
-    origin: Literal["local", "store", "combination"]
+    origin: Literal["local", "store", "combination", "probe"]
     """`local`: registered from a folder; `store`: resolved through the adapter store;
-    `combination`: derived from other adapters for combination requests."""
+    `combination`: derived from other adapters for combination requests; `probe`: a new
+    version's temporary copy while its probe runs."""
+
+
+Prober = Callable[[str, PreparedAdapter, AdapterProbe], str]
+"""(temporary adapter id, prepared version, probe) -> its greedy answer (the engine runs it)."""
+RejectionReporter = Callable[[str, str, str], None]
+"""(adapter id, version, reason): tell the store; must not block."""
 
 
 class AdapterResidency:
@@ -111,8 +142,11 @@ class AdapterResidency:
         max_adapter_bytes: int,
         loop: ModelLoop,
         resolver: AdapterResolver | None = None,
+        on_rejected: RejectionReporter | None = None,
     ) -> None:
         self.slot_model = slot_model
+        self.on_rejected = on_rejected
+        self.prober: Prober | None = None  # set by the engine, which can run a request
         self.pool = SlotPool(num_slots)
         self._executor = ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="adapter-load")
         self.host_cache: HostCache[PreparedAdapter] = HostCache(host_cache_bytes, self._executor)
@@ -124,6 +158,11 @@ class AdapterResidency:
         self._combinations: OrderedDict[str, Combination] = OrderedDict()  # key -> recipe
         self._built_from: dict[str, dict[str, str]] = {}  # combination key -> part id -> version built from
         self._combinations_lock = threading.Lock()
+        self._validated: OrderedDict[str, None] = OrderedDict()  # slot keys checked here (loop thread)
+        self._probed: OrderedDict[str, None] = OrderedDict()  # slot keys whose probe answered right here
+        self._rejected: set[str] = set()  # slot keys that failed here: never served again
+        self._reports: dict[str, AdapterOnReplica] = {}
+        self._reports_lock = threading.Lock()
 
     # ---- which version is where ---------------------------------------------------------------
 
@@ -137,7 +176,7 @@ class AdapterResidency:
         for adapter_id in sorted({*cached, *warm, *local}):
             slot, slot_version = warm.get(adapter_id, (None, None))
             version = cached.get(adapter_id) or slot_version
-            origin = "local" if adapter_id in local else "combination" if self._is_combination(adapter_id) else "store"
+            origin = "local" if adapter_id in local else self._derived_origin(adapter_id) or "store"
             placements[adapter_id] = Placement(adapter_id, slot, version, origin)
         return placements
 
@@ -159,8 +198,32 @@ class AdapterResidency:
         left out: the store knows only their parts)."""
         return {
             a: p.version for a, p in self.placements().items()
-            if p.slot is not None and p.version is not None and p.origin != "combination"
+            if p.slot is not None and p.version is not None and p.origin in ("local", "store")
         }
+
+    def adapter_reports(self) -> dict[str, AdapterOnReplica]:
+        """Per adapter held here (combinations left out): its version and slot, its last swap,
+        the requests and tokens it served, its last validation."""
+        placements = {a: p for a, p in self.placements().items() if p.origin in ("local", "store")}
+        with self._reports_lock:
+            return {
+                adapter_id: dataclasses.replace(self._reports.get(adapter_id, AdapterOnReplica()),
+                                                version=placement.version, slot=placement.slot)
+                for adapter_id, placement in placements.items()
+            }
+
+    def record_served(self, adapter_id: str, tokens: int) -> None:
+        """Loop thread: one request on `adapter_id` ended with `tokens` generated."""
+        if self._derived_origin(adapter_id) is not None:
+            return
+        with self._reports_lock:
+            report = self._reports.get(adapter_id, AdapterOnReplica())
+            self._reports[adapter_id] = dataclasses.replace(
+                report, requests=report.requests + 1, tokens=report.tokens + tokens)
+
+    def _note(self, adapter_id: str, **fields) -> None:
+        with self._reports_lock:
+            self._reports[adapter_id] = dataclasses.replace(self._reports.get(adapter_id, AdapterOnReplica()), **fields)
 
     def pool_snapshot(self) -> PoolSnapshot:
         """The slot pool's state with adapter ids where the pool has slot keys."""
@@ -199,6 +262,11 @@ class AdapterResidency:
 
     def _is_combination(self, adapter_id: str) -> bool:
         return adapter_id in self._combinations
+
+    def _derived_origin(self, adapter_id: str) -> Literal["combination", "probe"] | None:
+        if self._is_combination(adapter_id):
+            return "combination"
+        return "probe" if adapter_id.startswith(_PROBE_PREFIX) else None
 
     def _combinations_using(self, adapter_id: str) -> list[str]:
         with self._combinations_lock:
@@ -258,7 +326,10 @@ class AdapterResidency:
             except AdapterNotFoundError:
                 self.delete(adapter_id, missing_ok=True)
                 return
-            self.put(adapter_id, checkpoint, fetched, check_values=False)
+            entry = self._checked_entry(adapter_id, checkpoint, fetched, scanned=True)  # SwapValidationError: kept out
+            self.host_cache.put(adapter_id, entry.value, entry.version)
+            self._loop.call(lambda: self._drop_combinations_using(adapter_id))
+            self._loop.wake()
             logger.info("%s: version %s ready for its next batch", adapter_id, fetched)
         elif placement is None or placement.version != version:
             self.host_cache.invalidate(adapter_id)  # also stales a load in flight
@@ -287,16 +358,21 @@ class AdapterResidency:
         prepared = self.slot_model.prepare(checkpoint, check_values=check_values)
 
         def swap_in() -> None:
-            self.host_cache.put(adapter_id, prepared, version)
             new_key = slot_key(adapter_id, version)
             if new_key in self.pool:
+                self.host_cache.put(adapter_id, prepared, version)
                 return
             for key in self._keys_of(adapter_id):
                 if not self.pool.in_use(key):
                     slot = self.pool.rename(key, new_key)
                     self._retiring.discard(key)
-                    self._write(new_key, slot, prepared)
+                    try:
+                        self._write(new_key, slot, prepared)
+                    except BaseException:
+                        self.pool.discard(new_key, force=True)
+                        raise
                     break
+            self.host_cache.put(adapter_id, prepared, version)
             self._retire_versions(adapter_id, keep=new_key)
             self._drop_combinations_using(adapter_id)
 
@@ -311,6 +387,8 @@ class AdapterResidency:
             self._drop(adapter_id)
             self._drop_combinations_using(adapter_id)
             self._local_folders.pop(adapter_id, None)
+            with self._reports_lock:
+                self._reports.pop(adapter_id, None)
             self._loop.fail_waiting(adapter_id, AdapterNotFoundError(f"adapter {adapter_id!r} was deleted"))
 
         self._loop.call(delete_now)
@@ -366,8 +444,44 @@ class AdapterResidency:
         combination = self._combinations.get(adapter_id)
         if combination is not None:
             return self._build_combination(adapter_id, combination)
-        checkpoint, version, scanned = self._checkpoint(adapter_id)
-        return CacheEntry(self.slot_model.prepare(checkpoint, check_values=not scanned), version)
+        deadline_s = time.monotonic() + REJECTED_WAIT_S
+        while True:
+            checkpoint, version, scanned = self._checkpoint(adapter_id)
+            if slot_key(adapter_id, version) not in self._rejected:
+                try:
+                    return self._checked_entry(adapter_id, checkpoint, version, scanned)
+                except SwapValidationError:
+                    if adapter_id in self._local_folders:
+                        raise
+            if adapter_id in self._local_folders or time.monotonic() > deadline_s:
+                raise SwapValidationError(
+                    f"version {version} of {adapter_id!r} failed validation here and no other version is served yet")
+            time.sleep(0.1)  # the store has been told: it serves the previous good version shortly
+
+    def _checked_entry(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str,
+                       scanned: bool) -> CacheEntry[PreparedAdapter]:
+        """The prepared version, after its probe (if it has one) answered right on a temporary
+        slot; SwapValidationError (reported) otherwise."""
+        prepared = self.slot_model.prepare(checkpoint, check_values=not scanned)
+        probe, key = checkpoint.probe, slot_key(adapter_id, version)
+        if probe is not None and self.prober is not None and key not in self._probed:
+            answer = self.prober(f"{_PROBE_PREFIX}{adapter_id}#{version}", prepared, probe)
+            if not answer.strip().startswith(probe.expected.strip()):
+                self._reject(adapter_id, version, f"probe answered {answer[:80]!r}, expected {probe.expected[:80]!r}")
+                raise SwapValidationError(f"version {version} of {adapter_id!r} failed its probe")
+            _remember(self._probed, key)
+            self._note(adapter_id, validation="ok")
+        return CacheEntry(prepared, version)
+
+    def _reject(self, adapter_id: str, version: str, reason: str) -> None:
+        """Never serve this version here again, and tell the store."""
+        self._rejected.add(slot_key(adapter_id, version))
+        if self.host_cache.versions().get(adapter_id) == version:
+            self.host_cache.invalidate(adapter_id)
+        self._note(adapter_id, validation=f"version {version} rejected: {reason}")
+        logger.error("%s: version %s rejected after its swap: %s", adapter_id, version, reason)
+        if self.on_rejected is not None and adapter_id not in self._local_folders:
+            self.on_rejected(adapter_id, version, reason)
 
     def _checkpoint(self, adapter_id: str) -> tuple[LoraCheckpoint, str, bool]:
         """(checkpoint, version, whether its values were already scanned) from its folder or the store."""
@@ -425,7 +539,24 @@ class AdapterResidency:
             self._free(key)
 
     def _write(self, key: str, slot: int, prepared: PreparedAdapter) -> None:
-        self.pool.record_swap(self.slot_model.write_slot(slot, prepared))
+        """Copy into the slot; the first landing of a version here is checked before any row runs
+        on it (a mismatch zeroes the slot, rejects the version and raises SwapValidationError)."""
+        swap_ms = self.slot_model.write_slot(slot, prepared)
+        self.pool.record_swap(swap_ms)
+        adapter_id, version = _split(key)
+        if adapter_id.startswith(_PROBE_PREFIX):  # a probe's temporary copy of a version
+            adapter_id = adapter_id.removeprefix(_PROBE_PREFIX).partition("#")[0]
+        self._note(adapter_id, last_swap_ms=swap_ms)
+        if key in self._validated:
+            return
+        problem = self.slot_model.check_slot(slot, prepared)
+        if problem is not None:
+            self.slot_model.clear_slot(slot)
+            self._reject(adapter_id, version, f"slot check failed: {problem}")
+            raise SwapValidationError(f"version {version} of {adapter_id!r} did not land intact in slot {slot}")
+        _remember(self._validated, key)
+        if self._derived_origin(_split(key)[0]) is None:
+            self._note(adapter_id, validation="ok")
 
     def _keys_of(self, adapter_id: str) -> list[str]:
         return [key for key in self.pool.slots() if _split(key)[0] == adapter_id]

@@ -43,7 +43,7 @@ from deployments.engine.residency import AdapterResidency
 from deployments.engine.sampling import RowSampler, sample_tokens
 from deployments.engine.slots import BASE_SLOT
 from deployments.engine.text_stream import TextStream
-from lora_core.errors import EngineClosedError, LoraServeError, SlotsExhaustedError
+from lora_core.errors import EngineClosedError, LoraServeError, SlotsExhaustedError, SwapValidationError
 
 __all__ = ["Scheduler", "SchedulerSettings"]
 
@@ -260,6 +260,10 @@ class Scheduler:
                     slot, key = residency.acquire(handle.adapter_id, entry)
                 except SlotsExhaustedError:
                     continue  # its turn comes when a running row gives a slot back
+                except SwapValidationError:  # that version is rejected: wait for the one the store serves
+                    if not residency.is_loading(handle.adapter_id):
+                        self._start_load(handle.adapter_id)
+                    continue
                 except LoraServeError as error:
                     self._unqueue(handle)
                     handle.fail(error)
@@ -399,6 +403,7 @@ class Scheduler:
             row.handle.finish(reason or "stop", generated)
         if row.slot_key is not None:
             self.residency.release(row.slot_key)
+            self.residency.record_served(row.handle.adapter_id, generated)
         if row in self._decoding:
             last = self._decoding[-1]
             if last is not row:

@@ -43,6 +43,7 @@ from torch import nn
 
 from deployments.contracts import CombinationKind
 from lora_core.checkpoint import LoraCheckpoint, validate_checkpoint
+from lora_core.fingerprint import Fingerprint, fingerprint, matches, module_fingerprint, tolerance_for
 from lora_core.geometry import SlotGeometry
 
 DENSE_MAX_WIDTH = 256
@@ -124,6 +125,9 @@ class PreparedAdapter:
     lora_a: tuple[torch.Tensor | None, ...]
     lora_b: tuple[torch.Tensor | None, ...]
     size_bytes: int
+    expected: Fingerprint
+    """What its slot must hold once written (`lora_core.fingerprint`): the store's numbers when it
+    sent them, else computed from the checkpoint here."""
     combination: CombinationKind | None = None
     """Set for a per-request combination's derived adapter: how it was built."""
 
@@ -190,7 +194,18 @@ class SlotLoraModel:
             lora_a.append(a)
             lora_b.append(b)
             size_bytes += a.numel() * a.element_size() + b.numel() * b.element_size()
-        return PreparedAdapter(tuple(ranks), tuple(lora_a), tuple(lora_b), size_bytes)
+        expected = checkpoint.fingerprint if checkpoint.fingerprint is not None else fingerprint(checkpoint)
+        return PreparedAdapter(tuple(ranks), tuple(lora_a), tuple(lora_b), size_bytes, expected)
+
+    def check_slot(self, slot: int, adapter: PreparedAdapter) -> str | None:
+        """None when the slot holds exactly `adapter` (every row, the zero padding, the modules it
+        does not target, the scaling), within the slot dtype's rounding; else what differs."""
+        self._check_slot(slot)
+        zero = (0.0, 0.0, 0.0, 0.0)
+        expected = {name: adapter.expected.get(name, zero) for name in self.layers}
+        with torch.no_grad():
+            got = {name: module_fingerprint(layer.lora_a[slot], layer.lora_b[slot]) for name, layer in self.layers.items()}
+        return matches(expected, got, tolerance_for(self.dtype))
 
     def write_slot(self, slot: int, adapter: PreparedAdapter) -> float:
         """Copy a prepared adapter into a slot in place; returns the swap time in ms.

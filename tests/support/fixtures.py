@@ -29,14 +29,14 @@ def adapter_factory(tmp_path):
 
 @pytest.fixture
 def engine_factory():
-    """make(resolver=None, **config) -> an Engine on a fresh tiny model; every engine is closed at
+    """make(resolver=None, on_rejected=None, **config) -> an Engine on a fresh tiny model; every engine is closed at
     teardown and its loop and loader threads must be gone."""
     from deployments.engine import Engine
 
     engines = []
 
-    def make(resolver=None, **config):
-        engine = Engine(EngineConfig(**{**TINY_ENGINE, **config}), resolver=resolver)
+    def make(resolver=None, on_rejected=None, **config):
+        engine = Engine(EngineConfig(**{**TINY_ENGINE, **config}), resolver=resolver, on_rejected=on_rejected)
         engines.append(engine)
         return engine
 

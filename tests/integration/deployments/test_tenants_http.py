@@ -297,3 +297,63 @@ def test_a_disabled_adapter_answers_409_or_the_base_model_until_it_is_enabled(ht
     assert enabled.status_code == 200 and enabled.json()["status"] == "ready"
     assert greedy_text(http, ACME, "acme/pirate") == pirate
     assert "acme/pirate" in model_ids(http, ACME)
+
+
+def test_a_version_that_fails_its_probe_is_never_served_and_rollback_goes_back(http, folders, tmp_path):
+    import shutil
+
+    from tests.support.adapters import make_peft_adapter
+
+    folder = folders["source"] / "acme" / "probed"
+
+    def new_version(seed: int, probe: dict | None = None) -> None:
+        """Files replaced in place, the probe first: a sync in between sees no unprobed weights."""
+        staged = make_peft_adapter(tmp_path / f"seed{seed}", seed=seed, r=4)
+        if probe is not None:
+            (staged / "probe.json").write_text(json.dumps(probe))
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("probe.json", "adapter_config.json", "adapter_model.safetensors"):
+            if (staged / name).exists():
+                shutil.copy(staged / name, folder / name)
+            elif (folder / name).exists():
+                (folder / name).unlink()
+        assert http.post("/admin/sync", headers=auth(ADMIN)).status_code == 200
+
+    new_version(11)
+    first = greedy_text(http, ACME, "acme/probed")
+    v1 = http.get("/admin/adapters/acme/probed", headers=auth(ADMIN)).json()["serving"]["version"]
+
+    new_version(12, probe={"prompt": "hi", "expected": "never the answer"})  # new weights it cannot answer with
+    for _ in range(4):  # whichever replica answers, and whenever it hears of the new version
+        assert greedy_text(http, ACME, "acme/probed") == first
+
+    def rejected() -> dict | None:
+        record = http.get("/admin/adapters/acme/probed", headers=auth(ADMIN)).json()
+        return record if record["current"]["status"] == "rejected" else None
+
+    record = wait_until(rejected, 30, "a replica to reject the new version", interval_s=0.5)
+    assert record["serving"]["version"] == v1 and "probe answered" in record["current"]["reason"]
+    assert record["current"]["reason_code"] == "swap_validation"
+
+    def reported() -> list | None:  # replicas report on their next poll (every POLL_TIMEOUT_S)
+        reports = http.get("/admin/adapters/acme/probed", headers=auth(ADMIN)).json()["replicas"]
+        done = sum(r["requests"] for r in reports) >= 5 and any("rejected" in (r["validation"] or "") for r in reports)
+        return reports if done else None
+
+    reports = wait_until(reported, 20, "the replicas to report the requests and the rejection", interval_s=0.5)
+    assert all(r["version"] == v1 for r in reports if r["slot"] is not None)
+    assert all(r["last_swap_ms"] is not None and r["tokens"] >= r["requests"] for r in reports if r["requests"])
+
+    new_version(13)  # a good third version
+    third = wait_until(lambda: (text := greedy_text(http, ACME, "acme/probed")) != first and text, 20,
+                       "the third version to serve")
+    rolled = http.post("/admin/adapters/acme/probed/rollback", headers=auth(ADMIN))
+    assert rolled.status_code == 200 and rolled.json()["serving"]["version"] == v1
+    wait_until(lambda: all(greedy_text(http, ACME, "acme/probed") == first for _ in range(2)), 20,
+               "the replicas to serve the rolled-back version")
+    assert third != first
+    again = http.post("/admin/adapters/acme/probed/rollback", headers=auth(ADMIN))
+    assert again.status_code == 400 and again.json()["error"]["type"] == "invalid_request"
+    assert http.post("/admin/adapters/acme/probed/rollback", headers=auth(ACME)).status_code == 403
+    assert http.delete("/admin/adapters/acme/probed", headers=auth(ADMIN)).status_code == 200
+    shutil.rmtree(folder)

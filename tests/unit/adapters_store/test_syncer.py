@@ -234,3 +234,48 @@ def test_a_disabled_adapter_stays_registered_serves_nothing_and_comes_back_when_
     assert restarted.enable("acme/pirate")[1] == []
     with pytest.raises(AdapterNotFoundError):
         restarted.disable("acme/nobody")
+
+
+def test_the_last_good_versions_are_kept_and_a_replicas_rejection_rolls_back(tmp_path, geometry, place):
+    folder = place(tmp_path / "src" / "acme" / "pirate")
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}], keep_versions=2)
+    syncer.sync()
+    v1 = syncer.serving_version("acme/pirate")
+    place(folder, seed=1)
+    syncer.sync()
+    v2 = syncer.serving_version("acme/pirate")
+    copies = tmp_path / "store" / "versions" / "acme" / "pirate"
+    assert len(list(copies.iterdir())) == 2  # v2 and v1, for a rollback
+    assert [v.version for v in syncer.record("acme/pirate").previous] == [v1]
+
+    assert syncer.report_rejected("acme/pirate", "not-serving", "late report") == []  # nothing changes
+    changes = syncer.report_rejected("acme/pirate", v2, "replica r1: slot check failed")
+    assert changes == [AdapterChange("acme/pirate", v1)]
+    record = syncer.record("acme/pirate")
+    assert record.serving.version == v1 and record.current.status == "rejected"
+    assert record.current.reason_code == "swap_validation" and "slot check" in record.current.reason
+    assert syncer.serving_checkpoint("acme/pirate")[0] == v1  # its copy was kept
+    assert syncer.sync().changes == []  # the rejected version is not fetched again
+
+    edit_adapter_config(folder, lora_alpha=8)  # v3, good
+    syncer.sync()
+    v3 = syncer.serving_version("acme/pirate")
+    record, changes = syncer.rollback("acme/pirate")
+    assert record.serving.version == v1 and changes == [AdapterChange("acme/pirate", v1)]
+    from lora_core.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="no earlier good version"):
+        syncer.rollback("acme/pirate")
+    assert v3 not in {v1, v2} and syncer.sync().changes == []  # rolled back stays rolled back
+
+
+def test_a_probe_file_is_fetched_and_recorded(tmp_path, geometry, place):
+    folder = place(tmp_path / "src" / "acme" / "pirate")
+    (folder / "probe.json").write_text(json.dumps({"prompt": "Hi", "expected": "Arr"}))
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    assert syncer.record("acme/pirate").serving.probe.expected == "Arr"
+    assert syncer.serving_checkpoint("acme/pirate")[2].probe.prompt == "Hi"
+    (folder / "probe.json").write_text("{not json")
+    report = syncer.sync()
+    assert "acme/pirate" in report.rejected and syncer.record("acme/pirate").serving.probe.expected == "Arr"

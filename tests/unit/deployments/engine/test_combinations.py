@@ -97,6 +97,8 @@ def test_combination_requests_say_how_they_were_built_and_share_a_batch_with_oth
         engine.register_adapter(adapter_id, folder)
     exact = Combination.of({"acme/a": 1.0, "shared/b": 1.0})  # 4 + 4 fits 8
     reduced = Combination.of({"acme/a": 1.0, "acme/c": 1.0})  # 4 + 8 does not
+    for combination in (exact, reduced):  # built before, so all four rows are ready together
+        engine.residency.host_entry(engine.residency.define_combination(combination))
     handles = [engine.submit(r) for r in (
         request_for(exact), request_for(reduced), request_for(None, "acme/a"), request_for(None, None))]
     results = [handle.result() for handle in handles]

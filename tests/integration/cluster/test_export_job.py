@@ -1,0 +1,113 @@
+"""The export job as operators run it: `ray job submit` (through `JobSubmissionClient`, what the
+CLI uses) against a local cluster whose adapter store serves the adapters; the job reads the
+serving version through Ray's object store, merges, saves and checks, and fails loudly on an
+unknown adapter."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+
+from lora_core.paths import REPO_ROOT
+from tests.support.adapters import fresh_tiny_model, make_peft_adapter
+from tests.support.ray_cluster import local_ray
+
+pytestmark = pytest.mark.integration
+
+REPLICA = {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 2, "max_rank": 16,
+           "max_num_seqs": 2, "max_seq_len": 128}
+PROBE_IDS = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(5))
+JOB_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A local cluster with its dashboard, an adapter store on a folder of two adapters, and the
+    serve config the job reads (the same `args.replica` the replicas read)."""
+    import ray
+
+    from adapters_store.store import get_or_create_store
+    from lora_core.settings import EngineConfig, StoreConfig
+
+    root = tmp_path_factory.mktemp("export-job")
+    source = root / "source"
+    make_peft_adapter(source / "acme" / "pirate", seed=1)
+    make_peft_adapter(source / "shared" / "json", seed=2)
+    store = {"name": "export-job-store", "root": str(root / "store"), "sources": [{"uri": str(source)}]}
+    config = root / "serve_config.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "t", "args": {"replica": {**REPLICA, "store": store}}}]}))
+    port = free_port()
+    with local_ray(http_port=None, dashboard_port=port):
+        actor = get_or_create_store(StoreConfig.model_validate(store), EngineConfig(**REPLICA))
+        ray.get(actor.sync_now.remote())
+        yield {"address": f"http://127.0.0.1:{port}", "config": config, "source": source, "root": root}
+
+
+def run_job(cluster, *arguments: str) -> tuple[str, str]:
+    """Submit `python -m cluster.jobs.export ...` with the repo as working dir; (status, logs)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(cluster["address"])
+    job_id = client.submit_job(
+        entrypoint=" ".join([sys.executable, "-m", "cluster.jobs.export", "--config", str(cluster["config"]), *arguments]),
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".cache", ".git", "tests", "out"]},
+    )
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, f"job {job_id} still {status} after {JOB_TIMEOUT_S} s"
+        time.sleep(1)
+    return str(status), client.get_job_logs(job_id)
+
+
+@torch.no_grad()
+def logits_of(model) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=PROBE_IDS).logits.float()
+
+
+def test_an_exported_adapter_reloads_with_the_served_adapters_logits(cluster):
+    from transformers import AutoModelForCausalLM
+
+    out = cluster["root"] / "pirate-merged"
+    status, logs = run_job(cluster, "--adapter", "acme/pirate", "--out", str(out), "--max-shard-size", "200KB")
+    assert status == "SUCCEEDED", logs
+    summary = json.loads(logs.strip().splitlines()[-1])
+    assert summary["adapter"] == "acme/pirate" and summary["max_abs_logit_diff"] <= 1e-4
+    assert "export:" in logs  # the progress bar, in the job's logs
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors.index.json"} <= files
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1  # sharded
+    exported = logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
+    served = logits_of(PeftModel.from_pretrained(fresh_tiny_model(), str(cluster["source"] / "acme" / "pirate")))
+    torch.testing.assert_close(exported, served, atol=1e-4, rtol=0)
+
+
+def test_a_recipe_is_merged_from_the_stores_versions_and_exported(cluster):
+    recipe = cluster["root"] / "blend.json"
+    recipe.write_text(json.dumps({"name": "acme/blend", "combination_type": "cat",
+                                  "adapters": [{"id": "acme/pirate", "weight": 0.5}, {"id": "shared/json", "weight": 0.5}]}))
+    out = cluster["root"] / "blend-merged"
+    status, logs = run_job(cluster, "--recipe", str(recipe), "--out", str(out))
+    assert status == "SUCCEEDED", logs
+    assert json.loads(logs.strip().splitlines()[-1])["adapter"] == "acme/blend"
+    assert (out / "config.json").is_file()
+
+
+def test_an_unknown_adapter_fails_the_job_loudly(cluster):
+    status, logs = run_job(cluster, "--adapter", "acme/nobody", "--out", str(cluster["root"] / "nobody"))
+    assert status == "FAILED"
+    assert "acme/nobody" in logs and "not" in logs
+    assert not (cluster["root"] / "nobody").exists()
