@@ -74,7 +74,7 @@ __all__ = [
 logger = logging.getLogger("adapters_store.registry")
 
 MANIFEST_FORMAT_VERSION = 2
-"""2: records carry `disabled` and `previous`, versions their `probe`. Format 1 files are read as
+"""2: records carry `disabled`, `previous` and `pin_replicas`, versions their `probe`. Format 1 files are read as
 they are (nothing disabled, no earlier versions kept)."""
 
 AdapterStatus = Literal["ready", "rejected", "deleted", "disabled"]
@@ -192,6 +192,7 @@ class AdapterRecord(BaseModel):
     previous: list[AdapterVersion] = Field(default_factory=list, description="good versions before it, newest first")
     deleted: bool = False
     disabled: Optional[Disabled] = Field(default=None, description="set while an admin has it disabled")
+    pin_replicas: int = Field(default=0, ge=0, description="replicas that keep it warm and never evict it")
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -445,6 +446,16 @@ class Registry:
                 return record
             now = self._now()
             return self._put(_replace(record, disabled=Disabled(fallback=fallback, since=now), updated_at=now))
+
+    def set_pin(self, adapter_id: str, replicas: int) -> AdapterRecord:
+        """Keep a live adapter pinned on `replicas` replicas (0: unpin); the same count changes nothing."""
+        if replicas < 0:
+            raise InvalidRequestError(f"replicas must be >= 0, got {replicas}")
+        with self._lock:
+            record = self._live(adapter_id)
+            if record.pin_replicas == replicas:
+                return record
+            return self._put(_replace(record, pin_replicas=replicas, updated_at=self._now()))
 
     def get(self, adapter_id: str, include_deleted: bool = False, tenant: Optional[str] = None) -> AdapterRecord:
         """The record, or AdapterNotFoundError when unknown, deleted (unless `include_deleted`) or

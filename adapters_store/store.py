@@ -33,6 +33,7 @@ import ray
 
 from adapters_store.change_feed import ChangeFeed
 from adapters_store.merge_spec import MergeSpec
+from adapters_store.pins import assign_pins
 from adapters_store.registry import AdapterRecord
 from adapters_store.syncer import AdapterSyncer
 from lora_core.changes import AdapterChange, AdapterOnReplica, ChangeBatch
@@ -46,7 +47,10 @@ __all__ = ["AdapterStore", "get_or_create_store", "get_store"]
 logger = logging.getLogger("adapters_store.store")
 
 MAX_POLL_S = 30.0
-REPLICA_REPORT_TTL_S = 60.0
+REPLICA_REPORT_TTL_S = 15.0  # replicas poll every POLL_TIMEOUT_S (2 s): one silent this long is gone
+PIN_LIVENESS_S = 10.0
+"""A replica that has not polled for this long loses its pins to the next ones (they poll every
+few seconds), so a dead replica's pinned adapters are warmed again elsewhere."""
 STORE_MAX_CONCURRENCY = 256
 
 
@@ -146,7 +150,20 @@ class AdapterStore:
         `adapters` what it says about each adapter it holds."""
         with self._lock:
             self._replicas[replica_id] = ReplicaReport(dict(warm), time.monotonic(), dict(adapters or {}))
-        return self.feed.poll(epoch, since, min(max(timeout_s, 0.0), MAX_POLL_S))
+        batch = self.feed.poll(epoch, since, min(max(timeout_s, 0.0), MAX_POLL_S))
+        return dataclasses.replace(batch, pins=self._pins_for(replica_id))
+
+    def pin(self, adapter_id: str, replicas: int) -> dict:
+        return self._describe(self.syncer.pin(adapter_id, replicas))
+
+    def unpin(self, adapter_id: str) -> dict:
+        return self._describe(self.syncer.pin(adapter_id, 0))
+
+    def _pins_for(self, replica_id: str) -> frozenset[str]:
+        now = time.monotonic()
+        with self._lock:
+            live = [rid for rid, report in self._replicas.items() if now - report.seen_s < PIN_LIVENESS_S]
+        return assign_pins(self.syncer.pins(), [*live, replica_id]).get(replica_id, frozenset())
 
     def report_rejected(self, adapter_id: str, version: str, reason: str, replica_id: str) -> None:
         """A replica found `version` bad after it landed: rejected, the previous good one serves."""

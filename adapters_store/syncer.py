@@ -260,6 +260,17 @@ class AdapterSyncer:
             logger.info("deleted adapter %s (was %s)", adapter_id, record.status)
             return [AdapterChange(adapter_id, None)]
 
+    def pin(self, adapter_id: str, replicas: int) -> AdapterRecord:
+        """Keep the adapter warm on `replicas` replicas (0: unpin); replicas hear of it when they poll."""
+        with self._lock:
+            record = self.registry.set_pin(adapter_id, replicas)
+            self._save()
+            return record
+
+    def pins(self) -> dict[str, int]:
+        """adapter id -> replicas it is pinned on, for every pinned adapter served now."""
+        return {r.adapter_id: r.pin_replicas for r in self.registry.list() if r.pin_replicas and r.served is not None}
+
     def disable(self, adapter_id: str, fallback: Fallback = "none") -> tuple[AdapterRecord, list[AdapterChange]]:
         """Stop serving an adapter but keep it registered; replicas drop it from their slots."""
         with self._lock:

@@ -203,10 +203,14 @@ class RoutingStats:
     pending_loads: int = 0
     """Adapters that queued requests wait for (one load each, however many requests)."""
     num_slots: int = 0
+    pinned: tuple[str, ...] = ()
+    """Adapters pinned in a slot here (an admin's pin): never evicted, so requests belong here."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.warm, tuple) or not all(isinstance(a, str) for a in self.warm):
-            raise TypeError(f"routing stats 'warm' must be a tuple of adapter ids, got {self.warm!r}")
+        for name in ("warm", "pinned"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(a, str) for a in value):
+                raise TypeError(f"routing stats {name!r} must be a tuple of adapter ids, got {value!r}")
         for name in ("free_slots", "evictable_slots", "queue_len", "pending_loads", "num_slots"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -215,7 +219,7 @@ class RoutingStats:
             raise TypeError(f"routing stats 'next_victim' must be an adapter id or None, got {self.next_victim!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "warm": list(self.warm)}
+        return {**asdict(self), "warm": list(self.warm), "pinned": list(self.pinned)}
 
     @classmethod
     def from_dict(cls, report: Mapping[str, Any]) -> "RoutingStats":
@@ -227,7 +231,10 @@ class RoutingStats:
             raise ValueError(f"unknown routing stats fields {sorted(unknown)}")
         if missing := fields - set(report):
             raise ValueError(f"routing stats lack {sorted(missing)}")
-        warm = report.get("warm", ())
-        if not isinstance(warm, (list, tuple)):
-            raise TypeError(f"routing stats 'warm' must be a list of adapter ids, got {warm!r}")
-        return cls(**{**report, "warm": tuple(warm)})
+        lists = {}
+        for name in ("warm", "pinned"):
+            value = report.get(name, ())
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"routing stats {name!r} must be a list of adapter ids, got {value!r}")
+            lists[name] = tuple(value)
+        return cls(**{**report, **lists})

@@ -294,6 +294,7 @@ def _reported_view(
         max_queue=replica.max_ongoing_requests,
         victim=report.next_victim,
         pending_loads=min(report.pending_loads, queue_len),
+        pinned=frozenset(report.pinned),
     )
 
 

@@ -12,6 +12,8 @@
     POST   /admin/adapters/{tenant}/{name}/disable   {fallback: none | base}: registered, not served
     POST   /admin/adapters/{tenant}/{name}/enable
     POST   /admin/adapters/{tenant}/{name}/rollback  serve the previous good version again
+    POST   /admin/adapters/{tenant}/{name}/pin       {replicas: N}: warm on N replicas, never evicted there
+    DELETE /admin/adapters/{tenant}/{name}/pin
     POST   /admin/sources                   {uri, options}: watch a root of <tenant>/<name>/ folders
     POST   /admin/sync                      sync every source now
     GET    /admin/store                     the store's status (degraded when a source is down)
@@ -55,7 +57,7 @@ from adapters_store.merge_spec import MergeSpec
 from deployments import http_errors
 from deployments.contracts import Combination, GenerationChunk, GenerationRequest
 from deployments.ray_errors import typed_ray_errors
-from deployments.schemas.admin import DisableRequest, RegisterAdapterRequest, RegisterSourceRequest
+from deployments.schemas.admin import DisableRequest, PinRequest, RegisterAdapterRequest, RegisterSourceRequest
 from deployments.schemas.openai import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -240,6 +242,14 @@ class Router:
     @app.post("/admin/adapters/{tenant}/{name}/rollback")
     async def admin_rollback(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
         return await self._store_call("rollback", f"{tenant}/{name}")
+
+    @app.post("/admin/adapters/{tenant}/{name}/pin")
+    async def admin_pin(self, tenant: str, name: str, body: PinRequest, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("pin", f"{tenant}/{name}", body.replicas)
+
+    @app.delete("/admin/adapters/{tenant}/{name}/pin")
+    async def admin_unpin(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
+        return await self._store_call("unpin", f"{tenant}/{name}")
 
     @app.post("/admin/sources", status_code=201)
     async def admin_add_source(self, body: RegisterSourceRequest, _admin: Caller = Depends(admin_caller)):

@@ -46,6 +46,8 @@ class ReplicaView:
     pending_loads: int = 0
     """Adapter loads the replica must do before some of its queued requests run: each makes the
     wait `miss_cost` longer than a hit would (requests for one adapter share its load)."""
+    pinned: frozenset[str] = frozenset()
+    """Adapters an admin pinned here: warm for good, and home to their requests."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.replica_id, str) or not self.replica_id:
@@ -173,7 +175,8 @@ def rank_replicas(
          over every replica given, full ones too, so the order does not shift as queues fill).
          The adapter's home set is the shortest prefix of that order with `spread` replicas
          that are neither busy (`queue_len >= busy_fraction * max_queue`) nor full, where
-         `spread` = ceil(demand / `load_per_replica`), at least 1.
+         `spread` = ceil(demand / `load_per_replica`), at least 1; the replicas it is pinned
+         on (`ReplicaView.pinned`) are in it too, and count as warm.
       4. cost = wait + slot cost + (`away_cost` outside the home set), where wait =
          queue_len + `miss_cost` x pending_loads. Slot cost: warm 0;
          free slot `miss_cost`; evictable slot `miss_cost` + the eviction's cost,
@@ -216,10 +219,10 @@ def rank_replicas(
         raise ValueError(f"demand of {adapter_id!r} must be a finite number >= 0")
     spread = max(1, math.ceil(own_demand / weights.load_per_replica))
     ordered = [by_id[rid] for rid in rendezvous_order(adapter_id, by_id, seed=weights.seed)]
-    home = _home_set(ordered, spread, weights)
+    home = _home_set(ordered, spread, weights) | {view.replica_id for view in ordered if adapter_id in view.pinned}
     scored: list[tuple[float, int, str]] = []
     for position, view in enumerate(ordered):
-        if adapter_id in view.warm:
+        if adapter_id in view.warm or adapter_id in view.pinned:
             slot_cost = 0.0
         elif view.free_slots > 0:
             slot_cost = weights.miss_cost

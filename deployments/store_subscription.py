@@ -6,7 +6,8 @@
   - A thread long-polls the store's change feed, reporting this replica's warm set (and, per
     adapter, its version, slot, swap time, requests, tokens and last validation) each time,
     and hands every answer to the engine's residency (`AdapterResidency.follow_store`), which
-    applies it: a new version of a warm adapter goes into its slot before its next batch, one only
+    applies it (and the pins the store assigns this replica: `adapters_store.pins`): a new
+    version of a warm adapter goes into its slot before its next batch, one only
     cached is dropped, a deleted one is removed; a full resync (first poll, store restarted,
     missed changes) does the same for every adapter the replica holds.
   - `report_rejected` tells the store at once that a version failed its check here (the engine's
@@ -94,5 +95,6 @@ class StoreSubscription:
             engine = self._current_engine()  # now, not before the wait: it may have been built meanwhile
             if engine is not None:
                 self._warm = engine.residency.follow_store(batch.versions(), complete=batch.resync, fetch=self.resolve)
+                engine.residency.apply_store_pins(batch.pins)
                 self.polls_applied += 1
             self._epoch, self._seq = batch.epoch, batch.seq

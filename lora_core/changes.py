@@ -28,6 +28,8 @@ class ChangeBatch:
     resync: bool = False
     """True: `serving` holds every adapter's serving version; forget anything not in it."""
     serving: Mapping[str, str] = field(default_factory=dict)
+    pins: frozenset[str] = frozenset()
+    """The adapters the polling replica must keep warm and never evict (an admin's pins)."""
 
     def versions(self) -> dict[str, str | None]:
         """adapter id -> its serving version, None for deleted; on a resync, every served adapter."""
@@ -43,6 +45,7 @@ class AdapterOnReplica:
     version: str | None = None
     """The version its next batch runs there; None when only its folder is known."""
     slot: int | None = None
+    pinned: bool = False
     last_swap_ms: float | None = None
     requests: int = 0
     tokens: int = 0

@@ -241,6 +241,7 @@ class Engine:
             queue_len=self.scheduler.queue_len,
             pending_loads=len(waiting_for_load),
             num_slots=snapshot.num_slots,
+            pinned=tuple(sorted(snapshot.pinned)),
         )
 
     def close(self) -> None:

@@ -162,6 +162,7 @@ class AdapterResidency:
         self._probed: OrderedDict[str, None] = OrderedDict()  # slot keys whose probe answered right here
         self._rejected: set[str] = set()  # slot keys that failed here: never served again
         self._reports: dict[str, AdapterOnReplica] = {}
+        self._store_pins: set[str] = set()  # what the store asked this replica to keep pinned
         self._reports_lock = threading.Lock()
 
     # ---- which version is where ---------------------------------------------------------------
@@ -205,12 +206,28 @@ class AdapterResidency:
         """Per adapter held here (combinations left out): its version and slot, its last swap,
         the requests and tokens it served, its last validation."""
         placements = {a: p for a, p in self.placements().items() if p.origin in ("local", "store")}
+        pinned = set(self.pool_snapshot().pinned)
         with self._reports_lock:
             return {
                 adapter_id: dataclasses.replace(self._reports.get(adapter_id, AdapterOnReplica()),
-                                                version=placement.version, slot=placement.slot)
+                                                version=placement.version, slot=placement.slot,
+                                                pinned=adapter_id in pinned)
                 for adapter_id, placement in placements.items()
             }
+
+    def apply_store_pins(self, adapter_ids: frozenset[str]) -> None:
+        """Keep exactly these store-assigned adapters pinned (warmed first when cold); pins that
+        were not the store's are left alone. One adapter's failure does not stop the others."""
+        for adapter_id in sorted(adapter_ids - self._store_pins):
+            try:
+                self.warm(adapter_id, pin=True)
+                self._store_pins.add(adapter_id)
+                logger.info("%s pinned here by the store", adapter_id)
+            except Exception as error:
+                logger.warning("could not pin %s: %s", adapter_id, error)
+        for adapter_id in sorted(self._store_pins - adapter_ids):
+            self.unpin(adapter_id)
+            self._store_pins.discard(adapter_id)
 
     def record_served(self, adapter_id: str, tokens: int) -> None:
         """Loop thread: one request on `adapter_id` ended with `tokens` generated."""

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lora_core.settings import SourceOptions
 
-__all__ = ["DisableRequest", "RegisterAdapterRequest", "RegisterSourceRequest"]
+__all__ = ["DisableRequest", "PinRequest", "RegisterAdapterRequest", "RegisterSourceRequest"]
 
 
 class RegisterAdapterRequest(BaseModel):
@@ -33,3 +33,9 @@ class DisableRequest(BaseModel):
 
     fallback: Literal["none", "base"] = Field(
         "none", description="none: its requests answer 409 adapter_disabled; base: the base model answers them")
+
+
+class PinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, le=1024, description="replicas that keep it warm and never evict it")

@@ -357,3 +357,38 @@ def test_a_version_that_fails_its_probe_is_never_served_and_rollback_goes_back(h
     assert http.post("/admin/adapters/acme/probed/rollback", headers=auth(ACME)).status_code == 403
     assert http.delete("/admin/adapters/acme/probed", headers=auth(ADMIN)).status_code == 200
     shutil.rmtree(folder)
+
+
+def test_a_pinned_adapter_stays_warm_on_its_replicas_and_moves_to_a_replacement(http):
+    import ray
+
+    assert http.post("/admin/adapters/shared/french/pin", headers=auth(ACME), json={"replicas": 2}).status_code == 403
+    assert http.post("/admin/adapters/acme/nobody/pin", headers=auth(ADMIN), json={"replicas": 1}).status_code == 404
+    assert http.post("/admin/adapters/shared/french/pin", headers=auth(ADMIN), json={"replicas": 0}).status_code == 422
+    pinned = http.post("/admin/adapters/shared/french/pin", headers=auth(ADMIN), json={"replicas": 2})
+    assert pinned.status_code == 200 and pinned.json()["pin_replicas"] == 2
+
+    def pinned_on() -> set[str]:
+        reports = http.get("/admin/adapters/shared/french", headers=auth(ADMIN)).json()["replicas"]
+        return {r["replica_id"] for r in reports if r["pinned"] and r["slot"] is not None}
+
+    def pinned_on_two(avoiding: str | None = None) -> set[str] | None:
+        found = pinned_on()
+        return found if len(found) == 2 and avoiding not in found else None
+
+    holders = wait_until(pinned_on_two, 30, "the pins on both replicas")
+    for _ in range(3):  # other adapters churn the other slot of each replica
+        for model in ("acme/pirate", "acme/pirate", "shared/french"):
+            assert complete(http, ADMIN, model).status_code == 200
+        assert complete(http, ADMIN, "globex/poet").status_code == 200
+    assert pinned_on() == holders
+
+    victim = sorted(holders)[0]
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith(victim)]
+    assert len(actors) == 1, actors
+    ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+    replaced = wait_until(lambda: pinned_on_two(avoiding=victim), 90, "a replacement replica to pin shared/french again")
+    assert len(replaced - holders) == 1
+
+    assert http.delete("/admin/adapters/shared/french/pin", headers=auth(ADMIN)).json()["pin_replicas"] == 0
+    wait_until(lambda: not pinned_on(), 30, "the pins to be released")

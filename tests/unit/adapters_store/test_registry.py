@@ -509,3 +509,14 @@ def test_reads_are_consistent_while_another_thread_registers():
         sys.setswitchinterval(interval)
     assert not errors, errors[0]
     assert len(registry) == 3000
+
+
+def test_a_pin_count_is_kept_and_refused_when_negative(registry):
+    registry.register("acme/bot", "s3://bucket/prefix")
+    record = registry.set_pin("acme/bot", 2)
+    assert record.pin_replicas == 2 and registry.set_pin("acme/bot", 2) == record
+    assert registry.set_pin("acme/bot", 0).pin_replicas == 0
+    with pytest.raises(InvalidRequestError):
+        registry.set_pin("acme/bot", -1)
+    with pytest.raises(AdapterNotFoundError):
+        registry.set_pin("acme/nobody", 1)

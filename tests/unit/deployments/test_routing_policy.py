@@ -347,3 +347,18 @@ def test_load_tracker_refuses_bad_settings() -> None:
         AdapterLoadTracker(service_time_s=0.0)
     with pytest.raises(ValueError):
         AdapterLoadTracker(service_time_s=1.0, window_s=-1.0)
+
+
+def test_a_pinned_adapter_goes_to_the_replicas_it_is_pinned_on() -> None:
+    """A cold replica first in the adapter's rendezvous order loses to the one it is pinned on,
+    which is home (no away cost) and warm (no slot cost) even before its report says warm."""
+    ids = [f"replica-{i}" for i in range(4)]
+    first, *_, last = rendezvous_order("pinned", ids)
+    replicas = [
+        ReplicaView(rid, frozenset(), free_slots=1, evictable_slots=0, queue_len=1 if rid == last else 0,
+                    max_queue=8, pinned=frozenset({"pinned"}) if rid == last else frozenset())
+        for rid in ids
+    ]
+    assert rank_replicas(replicas, "pinned")[0] == last
+    unpinned = [view(rid, free=1, evictable=0, queue=1 if rid == last else 0) for rid in ids]
+    assert rank_replicas(unpinned, "pinned")[0] == first

@@ -11,6 +11,7 @@ from benchmarks.common import wait_until
 from deployments.engine.residency import Placement
 from lora_core.checkpoint import read_checkpoint
 from lora_core.errors import AdapterNotFoundError
+from tests.support.adapters import make_peft_adapter
 from tests.support.requests import request
 
 
@@ -147,3 +148,17 @@ def test_requests_waiting_for_a_deleted_adapter_fail_and_its_load_is_dropped(eng
     gate.set()
     wait_until(lambda: not engine.residency.is_loading("acme/a0"), 10, "the staled load to end")
     assert engine.residency.placement("acme/a0") is None  # the load in flight was staled
+
+
+def test_store_pins_are_applied_exactly_and_other_pins_left_alone(engine_factory, tmp_path):
+    engine = engine_factory(num_slots=4)  # at most 3 may be pinned
+    for seed, name in enumerate(("a", "b", "c")):
+        engine.register_adapter(f"acme/{name}", make_peft_adapter(tmp_path / name, seed=seed, r=4))
+    engine.warm("acme/c", pin=True)  # pinned by someone else (a Python caller)
+    residency = engine.residency
+    residency.apply_store_pins(frozenset({"acme/a", "acme/b"}))
+    assert set(residency.pool_snapshot().pinned) == {"acme/a", "acme/b", "acme/c"}
+    assert residency.adapter_reports()["acme/a"].pinned
+    residency.apply_store_pins(frozenset({"acme/b", "acme/nobody"}))  # an unknown one is logged, not fatal
+    assert set(residency.pool_snapshot().pinned) == {"acme/b", "acme/c"}
+    assert "acme/b" in engine.routing_stats().pinned
