@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Callable, Iterable, Literal, Option
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapters_store.merge_spec import MergeSpec
 from lora_core.adapter_ids import AdapterId, parse_adapter_id, parse_source_uri, validate_adapter_id
 from lora_core.errors import (
     AdapterNotFoundError,
@@ -74,7 +75,7 @@ __all__ = [
 logger = logging.getLogger("adapters_store.registry")
 
 MANIFEST_FORMAT_VERSION = 2
-"""2: records carry `disabled`, `previous` and `pin_replicas`, versions their `probe`. Format 1 files are read as
+"""2: records carry `disabled`, `previous`, `pin_replicas` and `merge_recipe`, versions their `probe`. Format 1 files are read as
 they are (nothing disabled, no earlier versions kept)."""
 
 AdapterStatus = Literal["ready", "rejected", "deleted", "disabled"]
@@ -193,6 +194,7 @@ class AdapterRecord(BaseModel):
     deleted: bool = False
     disabled: Optional[Disabled] = Field(default=None, description="set while an admin has it disabled")
     pin_replicas: int = Field(default=0, ge=0, description="replicas that keep it warm and never evict it")
+    merge_recipe: Optional[MergeSpec] = Field(default=None, description="for a named merge: what it was made from")
     created_at: UtcDatetime
     updated_at: UtcDatetime
 
@@ -446,6 +448,12 @@ class Registry:
                 return record
             now = self._now()
             return self._put(_replace(record, disabled=Disabled(fallback=fallback, since=now), updated_at=now))
+
+    def set_recipe(self, adapter_id: str, recipe: MergeSpec) -> AdapterRecord:
+        """Record the named merge a live adapter was made from."""
+        with self._lock:
+            record = self._live(adapter_id)
+            return self._put(_replace(record, merge_recipe=recipe, updated_at=self._now()))
 
     def set_pin(self, adapter_id: str, replicas: int) -> AdapterRecord:
         """Keep a live adapter pinned on `replicas` replicas (0: unpin); the same count changes nothing."""

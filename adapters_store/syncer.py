@@ -50,7 +50,7 @@ from adapters_store.registry import (
 )
 from adapters_store.sources import AdapterSource, RetryPolicy, source_for_uri, source_options
 from adapters_store.sources.base import RemoteAdapter
-from lora_core.adapter_ids import adapter_dir, validate_adapter_id
+from lora_core.adapter_ids import LocalUri, adapter_dir, parse_source_uri, validate_adapter_id
 from lora_core.changes import AdapterChange
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
 from lora_core.errors import (
@@ -256,6 +256,8 @@ class AdapterSyncer:
             self.registry.mark_deleted(adapter_id)
             self._release(adapter_id)
             shutil.rmtree(adapter_dir(self._versions_root, adapter_id), ignore_errors=True)
+            if record.merge_recipe is not None:  # the merge's own files: nothing else reads them
+                self._remove_merged(record)
             self._save()
             logger.info("deleted adapter %s (was %s)", adapter_id, record.status)
             return [AdapterChange(adapter_id, None)]
@@ -366,8 +368,9 @@ class AdapterSyncer:
 
     def merge(self, spec: MergeSpec) -> tuple[AdapterRecord, SyncReport]:
         """Build `spec.name` from the serving versions of `spec.adapters` (PEFT's merge, see
-        `merging`), write it under `<root>/merged/<tenant>/<name>/` with its recipe, and register
-        it like any adapter folder. Unknown inputs: 404; a name already registered: 409."""
+        `merging`), write it with its recipe to `<merged_uri>/<tenant>/<name>/` (a local folder,
+        default `<root>/merged`, or S3), and register it like any adapter folder; the record
+        keeps the recipe. Unknown inputs: 404; a disabled one: 409; a name already registered: 409."""
         with self._lock:
             try:
                 self.registry.get(spec.name)
@@ -377,7 +380,6 @@ class AdapterSyncer:
                 raise AdapterExistsError(f"adapter {spec.name!r} already exists; delete it first or pick another name")
             folders = [self._serving_copy(item.id)[1] for item in spec.adapters]
             ranks = [read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes).max_rank for folder in folders]
-            destination = adapter_dir(self.root / MERGED_FOLDER, spec.name)
 
             def write(folder: Path) -> None:
                 with tempfile.TemporaryDirectory(prefix=".merge-", dir=self.root) as scratch:
@@ -386,10 +388,37 @@ class AdapterSyncer:
                         shutil.copy2(file, folder / file.name)
                 (folder / MERGE_RECIPE_FILE).write_text(spec.model_dump_json(indent=2))
 
-            shutil.rmtree(destination, ignore_errors=True)  # a leftover of a merge deleted since
-            publish_folder(destination, write)
-            logger.info("merged %s from %s (%s)", spec.name, [i.id for i in spec.adapters], spec.combination_type)
-        return self.register(spec.name, str(destination))
+            merged_uri = self.config.merged_uri
+            if merged_uri is not None and merged_uri.startswith("s3://"):
+                with tempfile.TemporaryDirectory(prefix=".merge-", dir=self.root) as scratch:
+                    write(Path(scratch))
+                    uri = self._merge_target().upload_adapter(spec.name, Path(scratch))
+                options = dict(self.config.merged_options)
+            else:
+                destination = adapter_dir(Path(merged_uri) if merged_uri else self.root / MERGED_FOLDER, spec.name)
+                shutil.rmtree(destination, ignore_errors=True)  # a leftover of a merge deleted since
+                publish_folder(destination, write)
+                uri, options = str(destination), {}
+            logger.info("merged %s from %s (%s) into %s", spec.name, [i.id for i in spec.adapters],
+                        spec.combination_type, uri)
+            _, report = self.register(spec.name, uri, options)
+            record = self.registry.set_recipe(spec.name, spec)
+            self._save()
+            return record, report
+
+    def _merge_target(self) -> Any:
+        """The S3 source named merges are uploaded to (`merged_uri`, with `merged_options`)."""
+        return self._source_factory(self.config.merged_uri, **self.config.merged_options)
+
+    def _remove_merged(self, record: AdapterRecord) -> None:
+        where = parse_source_uri(record.source_uri)
+        if isinstance(where, LocalUri):
+            shutil.rmtree(where.path, ignore_errors=True)
+            return
+        try:
+            self._merge_target().delete_adapter(record.adapter_id)
+        except SourceError as error:
+            logger.warning("could not remove the merged files of %s: %s", record.adapter_id, error)
 
     def _serving_copy(self, adapter_id: str) -> tuple[AdapterVersion, Path]:
         """(the serving version's record, its validated local copy), fetched again if missing.

@@ -20,6 +20,10 @@ targets, `prepare_model_for_compiled_hotswap(target_rank=16)`, `torch.compile`d,
 (`_insert_adapter_name_into_state_dict`); its inputs are host tensors in the model dtype (pinned
 on CUDA), as ours are. In full runs its compiled forward also runs before and after the swaps.
 
+Validation: after each swap, the check a replica runs when a version first lands in a slot
+(`check_slot`: the slot rows' sums against the adapter's fingerprint), timed on its own
+(`check_p50_ms`); every one must pass, since the copies are intact (`check_failures`).
+
 Recompiles: graphs dynamo compiled after warm-up (`counters["stats"]["unique_graphs"]`), with
 `error_on_recompile` left off so a recompile is counted and reported rather than aborting.
 """
@@ -149,6 +153,17 @@ def main(argv: list[str] | None = None) -> dict:
     order_rng = random.Random(args.seed + 1)
     graphs_before = common.graphs_compiled()
     swap_ms, floor_ms, forward_ms, forwards = [], [], [], 0
+    check_ms, check_failures = [], []
+
+    def timed_check(slot: int, adapter) -> float:
+        """The check a replica runs when a version first lands (`SlotLoraModel.check_slot`)."""
+        t0 = time.perf_counter()
+        problem = slot_model.check_slot(slot, adapter)
+        synchronize(device)
+        if problem is not None:
+            check_failures.append(problem)
+        return (time.perf_counter() - t0) * 1000
+
     t_loop = time.perf_counter()
     with torch.no_grad():
         for i, (slot, index) in enumerate(plan):
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             floor_first = order_rng.random() < 0.5
             if not floor_first:
                 swap_ms.append(slot_model.write_slot(slot, adapter))
+                check_ms.append(timed_check(slot, adapter))
             synchronize(device)
             t0 = time.perf_counter()
             torch._foreach_copy_(destinations, srcs, non_blocking=True)
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             floor_ms.append((time.perf_counter() - t0) * 1000)
             if floor_first:
                 swap_ms.append(slot_model.write_slot(slot, adapter))
+                check_ms.append(timed_check(slot, adapter))
             if (i + 1) % args.forward_every == 0:
                 t0 = time.perf_counter()
                 logits = compiled(input_ids, random_slot_ids())
@@ -205,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
         "swap_p99_ms": rounded(percentile(swap_ms, 99)),
         "swap_mean_ms": rounded(sum(swap_ms) / len(swap_ms)),
         "prepare_p50_ms": rounded(percentile(prepare_ms, 50)),
+        "check_p50_ms": rounded(percentile(check_ms, 50)),
+        "check_failures": len(check_failures),
+        "validated_swap_vs_floor": rounded((swap_p50 + percentile(check_ms, 50)) / floor_p50, 2),
         "memcpy_floor_ms": rounded(floor_p50),
         "memcpy_floor_p99_ms": rounded(percentile(floor_ms, 99)),
         "peft_hotswap_p50_ms": rounded(peft["p50_ms"]),
@@ -224,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["goal_swap_le_2x_floor"] = results["swap_vs_floor"] is not None and results["swap_vs_floor"] <= 2.0
     results["goal_10x_faster_than_peft"] = results["peft_vs_swap"] is not None and results["peft_vs_swap"] >= 10.0
     results["goal_0_recompiles"] = recompiles == 0
+    results["goal_every_intact_swap_passes_its_check"] = not check_failures
     return common.emit(info, results, started)
 
 

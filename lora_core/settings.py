@@ -80,6 +80,10 @@ class StoreConfig(BaseModel):
     show_progress: bool = Field(False, description="progress bars for downloads (a terminal: the CLI, a job)")
     keep_versions: int = Field(2, ge=1, le=100, description="good versions kept per adapter: the serving one and "
                                "the ones a rollback goes back to")
+    merged_uri: Optional[str] = Field(None, description="where named merges are written, <tenant>/<name>/ under "
+                                      "it: a local folder or s3://bucket/prefix; default <root>/merged")
+    merged_options: SourceOptions = Field(default_factory=dict, description="its source options (endpoint_url, "
+                                          "region); credentials come from the environment")
 
     def resolved_root(self) -> Path:
         return Path(self.root or default_store_root()).resolve()

@@ -154,6 +154,23 @@ class S3Source(ParallelFetch):
         joined = "/".join(p for p in (self.prefix, relative) if p)
         return f"{joined}/" if joined else ""
 
+    def upload_adapter(self, adapter_id: str, folder: Path) -> str:
+        """Put the files of a local adapter folder at `<prefix>/<tenant>/<name>/` (the store's
+        named merges); returns that folder's URI."""
+        relative = str(parse_adapter_id(adapter_id))
+        for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+            key = self._key_prefix(relative) + path.name
+            self._call(f"uploading s3://{self.bucket}/{key}",
+                       lambda path=path, key=key: self._client.upload_file(str(path), self.bucket, key))
+        return str(S3Uri(self.bucket, self._key_prefix(relative).rstrip("/")))
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        """Remove every object under `<prefix>/<tenant>/<name>/`."""
+        relative = str(parse_adapter_id(adapter_id))
+        for obj in self._list(relative):
+            self._call(f"deleting s3://{self.bucket}/{obj['Key']}",
+                       lambda key=obj["Key"]: self._client.delete_object(Bucket=self.bucket, Key=key))
+
     def _list(self, relative: str = "", *, one_level: bool = False) -> list[dict[str, Any]]:
         """Every object under `<prefix>/<relative>/`; with `one_level`, only those directly in it."""
         extra = {"Delimiter": "/"} if one_level else {}

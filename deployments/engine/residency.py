@@ -77,8 +77,6 @@ MAX_VALIDATED = 4096
 MAX_COMBINATIONS = 1024
 """Recipes remembered per engine; the oldest unused one is forgotten (a request defines it again)."""
 _KEY_SEPARATOR = "@"  # never in an adapter id (lora_core.adapter_ids)
-
-
 _PROBE_PREFIX = "probe:"  # never in an adapter id either
 
 
@@ -360,16 +358,9 @@ class AdapterResidency:
         self._local_folders[adapter_id] = Path(folder)
         return checkpoint.version
 
-    def put(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str, *, check_values: bool = True) -> None:
-        """A (new) version into the host cache; a warm slot takes it before its next batch.
-        Refused input (validation) changes nothing."""
-        prepared = self.slot_model.prepare(checkpoint, check_values=check_values)
-        self.host_cache.put(adapter_id, prepared, version)
-        self._loop.call(lambda: self._drop_combinations_using(adapter_id))
-        self._loop.wake()
-
     def update(self, adapter_id: str, checkpoint: LoraCheckpoint, version: str, *, check_values: bool = True) -> None:
-        """Like `put`, and once it returns, a warm adapter's slot holds the new version: the old
+        """A (new) version into the host cache, and once it returns, a warm adapter's slot holds it
+        (validated; refused input changes nothing): the old
         version's slot is rewritten in place when no request holds it (else running requests
         finish on it and the next one admitted takes the new version into another slot)."""
         prepared = self.slot_model.prepare(checkpoint, check_values=check_values)

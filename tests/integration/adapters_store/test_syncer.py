@@ -68,3 +68,28 @@ def test_an_unreachable_source_is_retryable_and_a_refusing_one_is_not(tmp_path, 
             syncer.add_source(SourceInput(uri="s3://bucket/prod", options=options))
         assert unavailable.value.status_code == 503
         assert syncer.sources() == []
+
+
+def test_a_named_merge_is_written_to_s3_when_merged_uri_says_so(tmp_path, geometry, place):
+    from adapters_store.merge_spec import MergeSpec
+
+    with moto_s3_server() as s3:
+        bucket = f"adapters-{uuid.uuid4().hex[:8]}"
+        s3.client.create_bucket(Bucket=bucket)
+        for adapter_id, seed in (("acme/pirate", 0), ("shared/french", 1)):
+            s3.put_adapter(bucket, f"prod/{adapter_id}", {p.name: p.read_bytes() for p in place(tmp_path / adapter_id, seed).iterdir()})
+        options = {"endpoint_url": s3.endpoint}
+        syncer = make_syncer(tmp_path, geometry, [{"uri": f"s3://{bucket}/prod", "options": options}],
+                             merged_uri=f"s3://{bucket}/merged", merged_options=options)
+        syncer.sync()
+        spec = MergeSpec(name="acme/blend", combination_type="linear",
+                         adapters=[{"id": "acme/pirate", "weight": 0.5}, {"id": "shared/french", "weight": 0.5}])
+        record, _ = syncer.merge(spec)
+        assert record.source_uri == f"s3://{bucket}/merged/acme/blend" and record.status == "ready"
+        keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket=bucket, Prefix="merged/")["Contents"]}
+        assert keys == {f"merged/acme/blend/{name}" for name in
+                        ("adapter_config.json", "adapter_model.safetensors", "merge_recipe.json")}
+        assert syncer.record("acme/blend").merge_recipe == spec
+        assert not (tmp_path / "store" / "merged").exists()  # nothing left on the store's disk but its copy
+        syncer.delete("acme/blend")
+        assert s3.client.list_objects_v2(Bucket=bucket, Prefix="merged/").get("KeyCount") == 0

@@ -36,8 +36,9 @@ def test_swap_benchmark_prints_every_key(capsys):
         assert key in line
     assert line["model"] == "tiny" and line["device"] == "cpu" and line["quick"] is True and line["threads"] == 1
     for key in ("swap_p50_ms", "swap_p99_ms", "prepare_p50_ms", "memcpy_floor_ms", "peft_hotswap_p50_ms",
-                "swap_vs_floor", "peft_vs_swap"):
+                "swap_vs_floor", "peft_vs_swap", "check_p50_ms", "validated_swap_vs_floor"):
         assert positive(line[key]), key
+    assert line["check_failures"] == 0 and line["goal_every_intact_swap_passes_its_check"] is True
     assert line["swap_p50_ms"] <= line["swap_p99_ms"]
     assert line["swaps"] == 40 and line["peft_swaps"] == 5
     assert line["forwards_during_swaps"] == 4

@@ -198,6 +198,11 @@ def test_a_named_merge_is_written_with_its_recipe_and_registered(tmp_path, geome
     assert sorted(p.name for p in (tmp_path / "store" / "merged" / "acme").iterdir()) == ["blend"]  # no leftovers
     assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".merge-")]
     assert sorted(r.adapter_id for r in syncer.records()) == ["acme/blend", "acme/pirate", "shared/french"]
+    assert syncer.record("acme/blend").merge_recipe == spec  # the manifest records the recipe
+    assert make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}]).record("acme/blend").merge_recipe == spec
+    syncer.delete("acme/blend")
+    assert not folder.exists()  # the merge's files go with it
+    assert syncer.merge(spec)[0].status == "ready"  # and the name can be merged again
 
 
 def test_a_disabled_adapter_stays_registered_serves_nothing_and_comes_back_when_enabled(tmp_path, geometry, place):
