@@ -114,7 +114,7 @@ class LoraCheckpoint:
     sha256: str  # of adapter_model.safetensors
     version: str  # of the config and the weights together: a config-only change is a new version
     probe: AdapterProbe | None = None
-    fingerprint: Mapping[str, tuple[float, float, float, float]] | None = None
+    fingerprint: Mapping[str, tuple[float, float]] | None = None
     """What a slot must hold (`lora_core.fingerprint`), as the store computed it; None: not given."""
 
     @property

@@ -39,7 +39,7 @@ class AdapterPayload:
     sha256: str
     size_bytes: int
     tensors: Mapping[str, tuple[PayloadTensor, PayloadTensor]]  # module name -> (A, B)
-    fingerprint: Mapping[str, tuple[float, float, float, float]]  # what a slot must hold (lora_core.fingerprint)
+    fingerprint: Mapping[str, tuple[float, float]]  # what a slot must hold (lora_core.fingerprint)
     probe: AdapterProbe | None = None
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from deployments.contracts import CombinationKind
 from lora_core.checkpoint import LoraCheckpoint, validate_checkpoint
-from lora_core.fingerprint import Fingerprint, fingerprint, matches, module_fingerprint, tolerance_for
+from lora_core.fingerprint import Fingerprint, fingerprint, matches, tolerance_for
 from lora_core.geometry import SlotGeometry
 
 DENSE_MAX_WIDTH = 256
@@ -201,10 +201,11 @@ class SlotLoraModel:
         """None when the slot holds exactly `adapter` (every row, the zero padding, the modules it
         does not target, the scaling), within the slot dtype's rounding; else what differs."""
         self._check_slot(slot)
-        zero = (0.0, 0.0, 0.0, 0.0)
-        expected = {name: adapter.expected.get(name, zero) for name in self.layers}
+        expected = {name: adapter.expected.get(name, (0.0, 0.0)) for name in self.layers}
+        rows = [t for layer in self.layers.values() for t in (layer.lora_a[slot], layer.lora_b[slot])]
         with torch.no_grad():
-            got = {name: module_fingerprint(layer.lora_a[slot], layer.lora_b[slot]) for name, layer in self.layers.items()}
+            norms = torch.stack(torch._foreach_norm(rows, 2)).double().tolist()
+        got = {name: (norms[2 * i], norms[2 * i + 1]) for i, name in enumerate(self.layers)}
         return matches(expected, got, tolerance_for(self.dtype))
 
     def write_slot(self, slot: int, adapter: PreparedAdapter) -> float:

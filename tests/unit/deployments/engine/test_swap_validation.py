@@ -151,4 +151,4 @@ def test_fingerprints_tell_rounding_from_corruption(tmp_path):
     assert matches(expected, rounded, 2e-2) is None
     assert matches(expected, rounded, 1e-9) is not None
     scaled_twice = {**expected, name: module_fingerprint(a, 2 * b)}
-    assert "slot sums" in matches(expected, scaled_twice, 2e-2)
+    assert "slot norms" in matches(expected, scaled_twice, 2e-2)
