@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -154,11 +154,12 @@ class S3Source(ParallelFetch):
         joined = "/".join(p for p in (self.prefix, relative) if p)
         return f"{joined}/" if joined else ""
 
-    def upload_adapter(self, adapter_id: str, folder: Path) -> str:
-        """Put the files of a local adapter folder at `<prefix>/<tenant>/<name>/` (the store's
-        named merges); returns that folder's URI."""
+    def upload_adapter(self, adapter_id: str, folder: Path, names: Iterable[str] | None = None) -> str:
+        """Put the files of a local adapter folder (those in `names`, default all) at
+        `<prefix>/<tenant>/<name>/` (named merges, pushed adapters); returns that folder's URI."""
         relative = str(parse_adapter_id(adapter_id))
-        for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        wanted = None if names is None else set(names)
+        for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and (wanted is None or p.name in wanted)):
             key = self._key_prefix(relative) + path.name
             self._call(f"uploading s3://{self.bucket}/{key}",
                        lambda path=path, key=key: self._client.upload_file(str(path), self.bucket, key))

@@ -1,7 +1,10 @@
-"""The export job as operators run it: `ray job submit` (through `JobSubmissionClient`, what the
-CLI uses) against a local cluster whose adapter store serves the adapters; the job reads the
-serving version through Ray's object store, merges, saves and checks, and fails loudly on an
-unknown adapter."""
+"""The jobs in `cluster/jobs/` as operators run them: `ray job submit` (through
+`JobSubmissionClient`, what the CLI uses) against a local cluster with an adapter store.
+  export      reads the serving version through Ray's object store, merges, saves and checks;
+              fails loudly on an unknown adapter
+  push        validates a folder of adapters, writes the good ones to a store root (local, or
+              moto's S3 over HTTP) and has the store sync it: they serve; bad ones are refused
+  train_demo  trains the demo adapters (on the tiny model here) and pushes them the same way"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 import yaml
 from peft import PeftModel
 
+from benchmarks.moto_s3 import moto_s3_server
 from lora_core.paths import REPO_ROOT
 from tests.support.adapters import fresh_tiny_model, make_peft_adapter
 from tests.support.ray_cluster import local_ray
@@ -50,19 +54,20 @@ def cluster(tmp_path_factory):
     config = root / "serve_config.yaml"
     config.write_text(yaml.safe_dump({"applications": [{"name": "t", "args": {"replica": {**REPLICA, "store": store}}}]}))
     port = free_port()
-    with local_ray(http_port=None, dashboard_port=port):
+    with moto_s3_server() as s3, local_ray(http_port=None, dashboard_port=port):  # S3 first: Ray's workers inherit its credentials
         actor = get_or_create_store(StoreConfig.model_validate(store), EngineConfig(**REPLICA))
         ray.get(actor.sync_now.remote())
-        yield {"address": f"http://127.0.0.1:{port}", "config": config, "source": source, "root": root}
+        yield {"address": f"http://127.0.0.1:{port}", "config": config, "source": source, "root": root, "store": actor,
+               "s3": s3}
 
 
-def run_job(cluster, *arguments: str) -> tuple[str, str]:
-    """Submit `python -m cluster.jobs.export ...` with the repo as working dir; (status, logs)."""
+def run_job(cluster, *arguments: str, job: str = "export") -> tuple[str, str]:
+    """Submit `python -m cluster.jobs.<job> ...` with the repo as working dir; (status, logs)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(cluster["address"])
     job_id = client.submit_job(
-        entrypoint=" ".join([sys.executable, "-m", "cluster.jobs.export", "--config", str(cluster["config"]), *arguments]),
+        entrypoint=" ".join([sys.executable, "-m", f"cluster.jobs.{job}", "--config", str(cluster["config"]), *arguments]),
         runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".cache", ".git", "tests", "out"]},
     )
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -111,3 +116,50 @@ def test_an_unknown_adapter_fails_the_job_loudly(cluster):
     assert status == "FAILED"
     assert "acme/nobody" in logs and "not" in logs
     assert not (cluster["root"] / "nobody").exists()
+
+
+def served_ids(cluster) -> set[str]:
+    import ray
+
+    return {r["adapter_id"] for r in ray.get(cluster["store"].list_adapters.remote()) if r["serving"] is not None}
+
+
+def test_push_validates_writes_to_a_watched_root_and_the_store_serves_them(cluster):
+    outside = cluster["root"] / "to-push"
+    make_peft_adapter(outside / "acme" / "pushed", seed=5)
+    make_peft_adapter(outside / "acme" / "too-big", seed=6, r=32)  # over max_rank 16: refused, not pushed
+    status, logs = run_job(cluster, "--from", str(outside), "--to", str(cluster["source"]), job="push")
+    assert status == "FAILED", logs  # exit 1: something was refused
+    summary = json.loads(logs.strip().splitlines()[-1])
+    assert set(summary["pushed"]) == {"acme/pushed"} and "rank" in summary["refused"]["acme/too-big"]
+    assert summary["sync"]["registered"] == ["acme/pushed"]
+    assert not (cluster["source"] / "acme" / "too-big").exists()
+    assert "acme/pushed" in served_ids(cluster)
+
+
+def test_push_to_s3_adds_the_root_as_a_source(cluster):
+    import uuid
+
+    outside = cluster["root"] / "to-s3"
+    make_peft_adapter(outside / "globex" / "on-s3", seed=7)
+    s3 = cluster["s3"]
+    bucket = f"push-{uuid.uuid4().hex[:8]}"
+    s3.client.create_bucket(Bucket=bucket)
+    status, logs = run_job(cluster, "--from", str(outside), "--to", f"s3://{bucket}/adapters",
+                           "--endpoint-url", s3.endpoint, job="push")
+    assert status == "SUCCEEDED", logs
+    keys = {o["Key"] for o in s3.client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert keys == {f"adapters/globex/on-s3/{name}" for name in ("adapter_config.json", "adapter_model.safetensors")}
+    assert json.loads(logs.strip().splitlines()[-1])["sync"]["registered"] == ["globex/on-s3"]
+    assert "globex/on-s3" in served_ids(cluster)
+
+
+def test_train_demo_trains_and_pushes_the_demo_adapters(cluster):
+    target = cluster["root"] / "demo-root"
+    status, logs = run_job(cluster, "--base-model", "tiny-random-llama", "--steps", "1", "--to", str(target),
+                           job="train_demo")
+    assert status == "SUCCEEDED", logs
+    assert "step 1/1" in logs  # training progress, in the job's logs
+    summary = json.loads(logs.strip().splitlines()[-1])
+    assert set(summary["pushed"]) == {"acme/pirate", "globex/support", "shared/json"}
+    assert {"acme/pirate", "globex/support", "shared/json"} <= served_ids(cluster) | set(summary["sync"]["registered"])
