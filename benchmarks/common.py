@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import sys
@@ -44,6 +43,8 @@ def set_environment() -> None:
 set_environment()
 
 import torch  # noqa: E402  (after the environment is set)
+
+from cluster.load_client import percentile, rounded  # noqa: E402, F401  (one definition; benchmarks use common's)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -245,14 +246,6 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest rank on the sorted values (always one of them)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100.0 * len(ordered))) - 1]
-
-
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -264,10 +257,6 @@ def graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
-
-
-def rounded(value: float, digits: int = 3) -> float | None:
-    return None if value is None or math.isnan(value) else round(value, digits)
 
 
 # ---- adapters as files, and a local Ray + Serve for the store benchmarks -----------------

@@ -9,9 +9,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import sys
-import time
 
 import pytest
 import torch
@@ -19,22 +16,16 @@ import yaml
 from peft import PeftModel
 
 from benchmarks.moto_s3 import moto_s3_server
-from lora_core.paths import REPO_ROOT
 from tests.support.adapters import fresh_tiny_model, make_peft_adapter
 from tests.support.ray_cluster import local_ray
+from tests.support.ray_jobs import free_port
+from tests.support.ray_jobs import run_job as run_ray_job
 
 pytestmark = pytest.mark.integration
 
 REPLICA = {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 2, "max_rank": 16,
            "max_num_seqs": 2, "max_seq_len": 128}
 PROBE_IDS = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(5))
-JOB_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +53,8 @@ def cluster(tmp_path_factory):
 
 
 def run_job(cluster, *arguments: str, job: str = "export") -> tuple[str, str]:
-    """Submit `python -m cluster.jobs.<job> ...` with the repo as working dir; (status, logs)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(cluster["address"])
-    job_id = client.submit_job(
-        entrypoint=" ".join([sys.executable, "-m", f"cluster.jobs.{job}", "--config", str(cluster["config"]), *arguments]),
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": [".venv", ".cache", ".git", "tests", "out"]},
-    )
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < deadline, f"job {job_id} still {status} after {JOB_TIMEOUT_S} s"
-        time.sleep(1)
-    return str(status), client.get_job_logs(job_id)
+    """`python -m cluster.jobs.<job> --config <the cluster's serve config> ...`; (status, logs)."""
+    return run_ray_job(cluster["address"], f"cluster.jobs.{job}", "--config", str(cluster["config"]), *arguments)
 
 
 @torch.no_grad()

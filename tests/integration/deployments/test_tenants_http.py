@@ -12,10 +12,12 @@ import pytest
 from benchmarks.common import wait_until
 from tests.integration.deployments.test_serve_http import BASE_URL
 from tests.support.ray_cluster import local_ray
+from tests.support.ray_jobs import free_port, run_job
 
 pytestmark = pytest.mark.integration
 
 BASE_MODEL = "tiny-random-llama"
+DASHBOARD_PORT = free_port()
 ACME, GLOBEX, ADMIN = ("Bearer sk-acme-demo", "Bearer sk-globex-demo", "Bearer sk-admin-demo")
 
 
@@ -46,7 +48,7 @@ def served(folders):
     from deployments.app import build_app
     from deployments.tenants import demo_tenants_config
 
-    with local_ray():
+    with local_ray(dashboard_port=DASHBOARD_PORT):
         args = {
             "num_replicas": 2,
             "replica_num_cpus": 0.5,
@@ -392,3 +394,16 @@ def test_a_pinned_adapter_stays_warm_on_its_replicas_and_moves_to_a_replacement(
 
     assert http.delete("/admin/adapters/shared/french/pin", headers=auth(ADMIN)).json()["pin_replicas"] == 0
     wait_until(lambda: not pinned_on(), 30, "the pins to be released")
+
+
+def test_the_benchmark_job_loads_the_running_app(http):
+    status, logs = run_job(f"http://127.0.0.1:{DASHBOARD_PORT}", "cluster.jobs.benchmark", "--url", BASE_URL,
+                           "--api-key", "sk-acme-demo", "--requests", "6", "--rate", "4", "--max-tokens", "4",
+                           "--prompt-words", "8")  # spread out: this app queues 2 requests at most
+    assert status == "SUCCEEDED", logs
+    summary = json.loads(logs.strip().splitlines()[-1])
+    assert summary["completed"] == 6 and summary["failed"] == 0 and summary["output_tok_s"] > 0
+    assert set(summary["per_model"]) <= {BASE_MODEL, "acme/pirate", "shared/french"}  # what acme may use
+    refused, logs = run_job(f"http://127.0.0.1:{DASHBOARD_PORT}", "cluster.jobs.benchmark", "--url", BASE_URL,
+                            "--api-key", "sk-acme-demo", "--models", "globex/poet")
+    assert refused == "FAILED" and "not among" in logs
