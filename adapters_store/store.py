@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Optional
 
 import ray
@@ -34,8 +35,8 @@ import ray
 from adapters_store.change_feed import ChangeFeed
 from adapters_store.merge_spec import MergeSpec
 from adapters_store.pins import assign_pins
-from adapters_store.registry import AdapterRecord
-from adapters_store.syncer import AdapterSyncer
+from adapters_store.registry import AdapterRecord, utc_now
+from adapters_store.syncer import AdapterSyncer, SyncReport
 from lora_core.changes import AdapterChange, AdapterOnReplica, ChangeBatch
 from lora_core.errors import InvalidAdapterError
 from lora_core.geometry import slot_geometry
@@ -73,6 +74,7 @@ class AdapterStore:
         self._lock = threading.Lock()
         self._replicas: dict[str, ReplicaReport] = {}
         self._wake = threading.Event()
+        self._metrics = StoreMetrics()
         threading.Thread(target=self._sync_loop, name="adapter-sync", daemon=True).start()
         logger.info("adapter store up: %s, %d sources, %d adapters", self.syncer.root,
                     len(self.syncer.sources()), self.syncer.adapter_count())
@@ -126,6 +128,7 @@ class AdapterStore:
     def sync_now(self) -> dict:
         report = self.syncer.sync()
         self._publish(report.changes)
+        self._metrics.observe(report, self.syncer.status())
         return report.to_dict()
 
     # ---- the replicas' surface -----------------------------------------------------------------
@@ -226,10 +229,42 @@ class AdapterStore:
             if not keys:
                 continue
             try:
-                self._publish(self.syncer.sync(keys).changes)
+                report = self.syncer.sync(keys)
+                self._publish(report.changes)
+                self._metrics.observe(report, self.syncer.status())
             except Exception:
                 logger.exception("sync failed")
                 time.sleep(1.0)
+
+
+class StoreMetrics:
+    """The store's Prometheus metrics (`ray.util.metrics`, exported with Ray's; `source` is a
+    configured or registered source URI, so the labels stay few):
+        lora_serve_store_sync_seconds                  one sync of the sources that were due
+        lora_serve_store_sync_failures_total{source}   a source that could not be listed or fetched
+        lora_serve_store_source_lag_seconds{source}    since the source's last good sync
+        lora_serve_store_adapters_serving              adapters with a version to serve"""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        self.sync_s = metrics.Histogram("lora_serve_store_sync_seconds", "One sync of the due sources",
+                                        boundaries=[0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300])
+        self.failures = metrics.Counter("lora_serve_store_sync_failures", "Source syncs that failed",
+                                        tag_keys=("source",))
+        self.lag_s = metrics.Gauge("lora_serve_store_source_lag_seconds", "Seconds since a source's last good sync",
+                                   tag_keys=("source",))
+        self.serving = metrics.Gauge("lora_serve_store_adapters_serving", "Adapters with a version to serve")
+
+    def observe(self, report: SyncReport, status: dict) -> None:
+        self.sync_s.observe(report.duration_s)
+        for source in status["sources"]:
+            if source["uri"] in {key.split("#", 1)[0] for key in report.unavailable}:
+                self.failures.inc(1, {"source": source["uri"]})
+            last = source["last_success_at"]
+            lag_s = (utc_now() - datetime.fromisoformat(last)).total_seconds() if last else 0.0
+            self.lag_s.set(lag_s, {"source": source["uri"]})
+        self.serving.set(status["serving"])
 
 
 def _actor_class():

@@ -33,6 +33,7 @@ from ray import serve
 from adapters_store.store import get_or_create_store
 from deployments.contracts import GenerationChunk, GenerationRequest
 from deployments.engine import Engine
+from deployments.metrics import ReplicaMetrics
 from deployments.store_subscription import StoreSubscription
 from lora_core.errors import EngineClosedError
 from lora_core.settings import EngineConfig, StoreConfig
@@ -76,6 +77,7 @@ class LoraReplica:
         self._reconfigure_lock = threading.Lock()  # Serve may run reconfigure beside requests
         self._subscription: StoreSubscription | None = None
         self._store_config: StoreConfig | None = None
+        self._metrics = ReplicaMetrics()
         self.engine_builds = 0
 
     # ---- configuration (Serve calls this in a worker thread; it may block) ----------------------
@@ -111,6 +113,7 @@ class LoraReplica:
             resolver=subscription.resolve if subscription is not None else None,
             on_rejected=subscription.report_rejected if subscription is not None else None,
         )
+        engine.residency.swap_observer = self._metrics.observe_swap
         try:
             for adapter_id, folder in adapters.items():
                 engine.register_adapter(adapter_id, folder)
@@ -192,9 +195,14 @@ class LoraReplica:
     def record_routing_stats(self) -> dict:
         """Ray Serve polls this (`request_router_config.request_routing_stats_period_s`) and hands
         the dict to the request router as `RunningReplica.routing_stats`; Ray wants a dict, so the
-        engine's `RoutingStats` travels as `to_dict()` and is parsed back with `from_dict`."""
+        engine's `RoutingStats` travels as `to_dict()` and is parsed back with `from_dict`. The
+        replica's gauges and slot counters (`deployments.metrics`) are updated here too."""
         engine = self._engine
-        return engine.routing_stats().to_dict() if engine is not None else {}
+        if engine is None:
+            return {}
+        stats = engine.routing_stats()
+        self._metrics.update(engine.residency.pool_snapshot().to_dict(), engine.scheduler.running, stats.queue_len)
+        return stats.to_dict()
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes it replace the replica (a dead engine loop)."""

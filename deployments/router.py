@@ -44,7 +44,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Callable, Literal
 
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
@@ -56,6 +56,7 @@ from adapters_store.client import StoreLookup
 from adapters_store.merge_spec import MergeSpec
 from deployments import http_errors
 from deployments.contracts import Combination, GenerationChunk, GenerationRequest
+from deployments.metrics import IngressMetrics, adapter_label
 from deployments.ray_errors import typed_ray_errors
 from deployments.schemas.admin import DisableRequest, PinRequest, RegisterAdapterRequest, RegisterSourceRequest
 from deployments.schemas.openai import (
@@ -124,29 +125,32 @@ async def admin_caller(caller: Caller = Depends(current_caller)) -> Caller:
 
 
 async def _server_sent_events(
-    first: GenerationChunk, rest: DeploymentResponseGenerator, fmt: StreamFormat
+    first: GenerationChunk, rest: DeploymentResponseGenerator, fmt: StreamFormat,
+    on_done: Callable[[int, GenerationChunk], None],
 ) -> AsyncIterator[str]:
-    finished = False
+    """The events of one stream; `on_done(status, last chunk)` when it ends (499: the client left)."""
+    finished, status = False, 499
+    result = first
     try:
         for chunk in fmt.opening():
             yield sse_event(chunk)
-        result = first
         while True:
             for chunk in fmt.chunk(result):
                 yield sse_event(chunk)
             if result.finish_reason is not None:
-                finished = True
+                finished, status = True, 200
                 break
             with typed_ray_errors():
                 result = await rest.__anext__()
     except StopAsyncIteration:
-        finished = True
+        finished, status = True, 200
     except LoraServeError as error:  # the headers are out: the error becomes the last event
-        finished = True
+        finished, status = True, error.status_code
         yield sse_event(error.to_json())
     finally:
         if not finished:  # the client went away: stop generating on the replica
             rest.cancel()
+        on_done(status, result)
     yield sse_event("[DONE]")
 
 
@@ -176,6 +180,7 @@ class Router:
                            "call this server; set real keys in serve_config.yaml `tenants` or keys_env")
         self.replicas = replicas
         self.store = StoreLookup(self.settings.store) if self.settings.store is not None else None
+        self.metrics = IngressMetrics()
         self._disabled: dict[str, str] = {}  # adapter id -> fallback, as the store last said
         self._disabled_at_s = -math.inf
 
@@ -310,25 +315,38 @@ class Router:
     async def _complete(
         self, body: CompletionRequest | ChatCompletionRequest, kind: Literal["completion", "chat"], caller: Caller
     ):
-        """Both OpenAI endpoints: one `GenerationRequest` to a replica, whole or streamed."""
-        disabled = await self._disabled_adapters()
+        """Both OpenAI endpoints, counted (`deployments.metrics`): an error is counted with its status."""
+        started_s = time.perf_counter()
+        tenant = caller.tenant or "admin"
+        request = None
+        try:
+            request = self._generation_request(body, caller, await self._disabled_adapters())
+            if body.stream:
+                return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant, started_s)
+            with typed_ray_errors():
+                result: GenerationChunk = await self._replicas_for(request).generate.remote(request)
+        except LoraServeError as error:
+            self.metrics.request_done(tenant, adapter_label(request, error.status_code), error.status_code,
+                                      time.perf_counter() - started_s)
+            raise
+        self.metrics.request_done(tenant, adapter_label(request, 200), 200, time.perf_counter() - started_s,
+                                  result.prompt_tokens, result.completion_tokens)
+        response = CompletionResponse if kind == "completion" else ChatCompletionResponse
+        return response.of(body.model, result)
+
+    def _generation_request(self, body: CompletionRequest | ChatCompletionRequest, caller: Caller,
+                            disabled: dict[str, str]) -> GenerationRequest:
+        """The request a body asks for, with the caller's rights and the disabled adapters applied."""
         if body.adapters is not None:
             combination = self._combination_for(body, caller)
             if off := [a for a in combination.adapter_ids if a in disabled]:
                 raise AdapterDisabledError(f"adapter {off[0]!r} is disabled")
-            request = body.to_generation_request(None, combination)
-        else:
-            adapter_id = self._adapter_for(body.model, caller)
-            fallback = disabled.get(adapter_id) if adapter_id is not None else None
-            if fallback is not None and fallback != "base":
-                raise AdapterDisabledError(f"adapter {adapter_id!r} is disabled")
-            request = body.to_generation_request(None if fallback == "base" else adapter_id)
-        if body.stream:
-            return await self._stream(request, StreamFormat(kind, body.model, body.include_usage))
-        with typed_ray_errors():
-            result: GenerationChunk = await self._replicas_for(request).generate.remote(request)
-        response = CompletionResponse if kind == "completion" else ChatCompletionResponse
-        return response.of(body.model, result)
+            return body.to_generation_request(None, combination)
+        adapter_id = self._adapter_for(body.model, caller)
+        fallback = disabled.get(adapter_id) if adapter_id is not None else None
+        if fallback is not None and fallback != "base":
+            raise AdapterDisabledError(f"adapter {adapter_id!r} is disabled")
+        return body.to_generation_request(None if fallback == "base" else adapter_id)
 
     def _replicas_for(self, request: GenerationRequest) -> DeploymentHandle:
         """The handle with the request's adapter (or combination) as its routing key (`request_router.py`)."""
@@ -355,7 +373,8 @@ class Router:
         with typed_ray_errors("the adapter store"):
             return await getattr(self.store.handle(), method).remote(*args, **kwargs)
 
-    async def _stream(self, request: GenerationRequest, fmt: StreamFormat) -> StreamingResponse:
+    async def _stream(self, request: GenerationRequest, fmt: StreamFormat, tenant: str,
+                      started_s: float) -> StreamingResponse:
         responses: DeploymentResponseGenerator = self._replicas_for(request).options(stream=True).stream.remote(request)
         try:
             with typed_ray_errors():
@@ -363,8 +382,14 @@ class Router:
         except BaseException:
             responses.cancel()
             raise
+        ttft_s = time.perf_counter() - started_s
+
+        def done(status: int, last: GenerationChunk) -> None:
+            self.metrics.request_done(tenant, adapter_label(request, status), status, time.perf_counter() - started_s,
+                                      last.prompt_tokens, last.completion_tokens, ttft_s=ttft_s)
+
         return StreamingResponse(
-            _server_sent_events(first, responses, fmt),
+            _server_sent_events(first, responses, fmt, done),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -145,6 +145,7 @@ class AdapterResidency:
         self.slot_model = slot_model
         self.on_rejected = on_rejected
         self.prober: Prober | None = None  # set by the engine, which can run a request
+        self.swap_observer: Callable[[float], None] | None = None  # each slot write's ms (the replica's metrics)
         self.pool = SlotPool(num_slots)
         self._executor = ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="adapter-load")
         self.host_cache: HostCache[PreparedAdapter] = HostCache(host_cache_bytes, self._executor)
@@ -551,6 +552,8 @@ class AdapterResidency:
         on it (a mismatch zeroes the slot, rejects the version and raises SwapValidationError)."""
         swap_ms = self.slot_model.write_slot(slot, prepared)
         self.pool.record_swap(swap_ms)
+        if self.swap_observer is not None:
+            self.swap_observer(swap_ms)
         adapter_id, version = _split(key)
         if adapter_id.startswith(_PROBE_PREFIX):  # a probe's temporary copy of a version
             adapter_id = adapter_id.removeprefix(_PROBE_PREFIX).partition("#")[0]

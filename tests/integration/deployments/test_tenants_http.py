@@ -407,3 +407,37 @@ def test_the_benchmark_job_loads_the_running_app(http):
     refused, logs = run_job(f"http://127.0.0.1:{DASHBOARD_PORT}", "cluster.jobs.benchmark", "--url", BASE_URL,
                             "--api-key", "sk-acme-demo", "--models", "globex/poet")
     assert refused == "FAILED" and "not among" in logs
+
+
+def test_metrics_are_exported_after_real_requests(http):
+    """Ray's metrics export (the node's metrics port, Prometheus text) carries the ingress's,
+    the replicas' and the store's metrics, with adapter ids only for adapters that exist."""
+    import ray
+
+    assert complete(http, ACME, "acme/pirate").status_code == 200
+    assert complete(http, ACME, "acme/nobody-here").status_code == 404
+    chat = {"model": "shared/french", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", headers=auth(ACME), json=chat) as streamed:
+        assert streamed.status_code == 200 and list(streamed.iter_lines())
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = [
+        ('ray_lora_serve_requests_total{', 'adapter="acme/pirate"', 'status="200"', 'tenant="acme"'),
+        ('ray_lora_serve_requests_total{', 'adapter="unknown"', 'status="404"'),
+        ('ray_lora_serve_tokens_total{', 'kind="completion"'),
+        ('ray_lora_serve_ttft_seconds_bucket{',),
+        ('ray_lora_serve_time_per_output_token_seconds_bucket{',),
+        ('ray_lora_serve_slot_misses_total{',),
+        ('ray_lora_serve_swap_ms_bucket{',),
+        ('ray_lora_serve_queue_depth{',),
+        ('ray_lora_serve_store_sync_seconds_bucket{',),
+        ('ray_lora_serve_store_adapters_serving{',),
+    ]
+
+    def scraped() -> str | None:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = text.splitlines()
+        found = all(any(all(part in line for part in parts) for line in lines) for parts in wanted)
+        return text if found else None
+
+    text = wait_until(scraped, 90, "the metrics in Ray's export", interval_s=2)
+    assert "acme/nobody-here" not in text  # unknown ids never become labels
