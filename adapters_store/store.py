@@ -38,7 +38,7 @@ from adapters_store.pins import assign_pins
 from adapters_store.registry import AdapterRecord, utc_now
 from adapters_store.syncer import AdapterSyncer, SyncReport
 from lora_core.changes import AdapterChange, AdapterOnReplica, ChangeBatch
-from lora_core.errors import InvalidAdapterError
+from lora_core.errors import InvalidAdapterError, ServiceUnavailableError
 from lora_core.geometry import slot_geometry
 from lora_core.payload import payload_from_checkpoint
 from lora_core.settings import EngineConfig, SourceInput, StoreConfig
@@ -53,6 +53,7 @@ PIN_LIVENESS_S = 10.0
 """A replica that has not polled for this long loses its pins to the next ones (they poll every
 few seconds), so a dead replica's pinned adapters are warmed again elsewhere."""
 STORE_MAX_CONCURRENCY = 256
+STORE_REPLACE_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -95,6 +96,16 @@ class AdapterStore:
         record, report = self.syncer.merge(MergeSpec.model_validate(spec))
         self._publish(report.changes)
         return self._served(record)
+
+    def apply_config(self, config: dict) -> list[str]:
+        """New settings from a deploy, applied while running (see `AdapterSyncer.apply_config`)."""
+        changed = self.syncer.apply_config(StoreConfig.model_validate(config))
+        if changed:
+            self._wake.set()
+        return changed
+
+    def root(self) -> str:
+        return str(self.syncer.root)
 
     def add_source(self, uri: str, options: Optional[dict] = None) -> dict:
         spec, report = self.syncer.add_source(SourceInput(uri=uri, options=options or {}))
@@ -272,7 +283,32 @@ def _actor_class():
 
 
 def get_or_create_store(config: StoreConfig, engine_config: EngineConfig):
-    """The store's handle, creating the detached actor if no one has yet (race-free: get_if_exists)."""
+    """The store's handle, creating the detached actor if no one has yet (race-free: get_if_exists).
+
+    A store that is already up gets `config` applied (new sources watched, new intervals used);
+    one on another root is replaced by a store on the new root (the old root's manifest stays
+    where it is, so going back to it finds everything)."""
+    wanted_root = str(config.resolved_root())
+    store = _create_or_join(config, engine_config)
+    if ray.get(store.root.remote()) != wanted_root:
+        logger.warning("the adapter store moves to %s: replacing the running actor", wanted_root)
+        ray.kill(store, no_restart=True)
+        deadline_s = time.monotonic() + STORE_REPLACE_TIMEOUT_S
+        while True:  # joins the dying actor until its name is free, then creates (or joins) the new one
+            store = _create_or_join(config, engine_config)
+            try:
+                if ray.get(store.root.remote(), timeout=10) == wanted_root:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            if time.monotonic() > deadline_s:
+                raise ServiceUnavailableError(f"the adapter store could not be moved to {wanted_root}")
+            time.sleep(0.2)
+    ray.get(store.apply_config.remote(config.model_dump(mode="json")))
+    return store
+
+
+def _create_or_join(config: StoreConfig, engine_config: EngineConfig):
     return _actor_class().options(
         name=config.name,
         namespace=config.namespace,

@@ -58,6 +58,7 @@ from lora_core.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     InvalidAdapterError,
+    InvalidRequestError,
     LoraServeError,
     SourceError,
     SourceRefusedError,
@@ -214,6 +215,29 @@ class AdapterSyncer:
             }
 
     # ---- changes ----------------------------------------------------------------------------
+
+    def apply_config(self, config: StoreConfig) -> list[str]:
+        """A `serve deploy` changed the store's settings: apply them to this running syncer and
+        return the fields that changed. Sources it does not watch yet are watched (none is
+        dropped: an admin may have added it); the root cannot change here (the store actor is
+        replaced instead, `store.get_or_create_store`)."""
+        if config.resolved_root() != self.root:
+            raise InvalidRequestError(f"the store's root is {self.root}; a new root needs a new store actor")
+        with self._lock:
+            changed = [name for name in StoreConfig.model_fields if getattr(config, name) != getattr(self.config, name)]
+            for source in config.sources:
+                spec = SourceSpec.of(source)
+                if spec.key not in self._specs:
+                    self._specs[spec.key] = spec
+                    self._health[spec.key] = SourceHealth()
+            self.config = config
+            self.registry.keep_versions = config.keep_versions
+            for health in self._health.values():  # a shorter interval takes effect now, not after the old one
+                health.next_attempt_s = min(health.next_attempt_s, self._monotonic() + config.sync_interval_s)
+            self._save()
+        if changed:
+            logger.info("store settings changed: %s", ", ".join(changed))
+        return changed
 
     def add_source(self, source: SourceInput) -> tuple[SourceSpec, SyncReport]:
         """Watch a new source and sync it now. An unreachable source is refused (nothing kept)."""

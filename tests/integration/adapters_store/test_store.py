@@ -198,3 +198,32 @@ def test_replicas_swap_a_new_version_into_warm_slots(ray_cluster, store, source_
 
 def _warm_version(ray_cluster, store, replica_id):
     return ray_cluster.get(store.replica_versions.remote(replica_id)).get("acme/pirate")
+
+
+def test_a_changed_store_config_is_applied_to_the_running_store_or_moves_it(ray_cluster, tmp_path, templates):
+    """`serve deploy` with new store settings: new sources and intervals apply to the running
+    actor (no restart, its registry kept); a new root replaces it, the old manifest left in place."""
+    from adapters_store.store import get_or_create_store
+
+    first, second = SourceRoot(tmp_path / "first"), SourceRoot(tmp_path / "second")
+    first.templates = second.templates = templates
+    first.place("acme/one", 0)
+    second.place("acme/two", 1)
+    config = StoreConfig(name="config-change-store", root=str(tmp_path / "store"), sync_interval_s=30,
+                         sources=[SourceInput(uri=str(first))])
+    store = get_or_create_store(config, ENGINE)
+    ray_cluster.get(store.sync_now.remote())
+    actor_id = store._actor_id
+    changed = config.model_copy(update={"sync_interval_s": 0.5,
+                                        "sources": [SourceInput(uri=str(first)), SourceInput(uri=str(second))]})
+    again = get_or_create_store(changed, ENGINE)
+    assert again._actor_id == actor_id  # the same actor
+    status = ray_cluster.get(again.status.remote())
+    assert status["sync_interval_s"] == 0.5 and len(status["sources"]) == 2
+    wait_for(lambda: {r["adapter_id"] for r in ray_cluster.get(again.list_adapters.remote())} == {"acme/one", "acme/two"},
+             "the new source to be synced on the new interval")
+
+    moved = get_or_create_store(changed.model_copy(update={"root": str(tmp_path / "store2")}), ENGINE)
+    assert moved._actor_id != actor_id and ray_cluster.get(moved.root.remote()) == str((tmp_path / "store2").resolve())
+    assert (tmp_path / "store" / "manifest.json").is_file()  # the old root's registry is kept
+    ray_cluster.kill(moved)
