@@ -1,6 +1,6 @@
 """Policy simulation of replica choice for LoRA adapters: hit rate and latency, no Ray, no torch.
 
-    python -m benchmarks.routing_sim [--quick] [--seed N]
+    python -m benchmarks.routing_sim [--quick] [--seed N] [--admission {lru,tinylfu}]
 
 One seeded arrival trace per utilization is replayed through the same replicas under four
 routers, so the only difference between runs is the router's choice.
@@ -12,7 +12,9 @@ misses more than the oracle runs its replicas hotter than that, so misses show u
 latency and drops, not only as a hit rate.
 
 Replica model (the same for every router): a FIFO server with at most MAX_QUEUE requests
-queued or in service, and an LRU of SLOTS_PER_REPLICA slots (`deployments.engine.slots.SlotPool`). A
+queued or in service, and SLOTS_PER_REPLICA slots kept by the engine's own
+`deployments.engine.slots.SlotPool`, with its admission policy (`--admission`; the engine's
+default, W-TinyLFU, unless told otherwise; the figures under "lru" are printed alongside). A
 request takes its slot when it reaches the replica (a hit if the adapter is resident, or
 loading for an earlier request); a miss adds MISS_PENALTY_S to that request's service time (the
 fetch + copy into the slot), and requests queued behind it for the same adapter ride on the
@@ -28,10 +30,10 @@ ROUTER_WAIT_LIMIT_S is dropped.
 
 Routers:
   affinity     `deployments.routing_policy.rank_replicas` on the replicas' reports (with each
-               one's next LRU victim) and queues (with how many queued requests will load),
-               demand from `AdapterLoadTracker` (LOAD_WINDOW_S), and, counted as warm, the
-               adapters it sent to a replica since that replica's report. It returns no
-               replica, and so waits, when a full warm replica beats every open one.
+               one's next victim, `PoolSnapshot.next_victim`) and queues (with how many queued
+               requests will load), demand from `AdapterLoadTracker` (LOAD_WINDOW_S), and,
+               counted as warm, the adapters it sent to a replica since that replica's report.
+               It returns no replica, and so waits, when a full warm replica beats every open one.
   ray_default  Ray Serve 2.60's PowerOfTwoChoicesRequestRouter with MultiplexMixin
                (ray/serve/_private/request_router/{pow_2_router,request_router}.py).
                Reproduced: each attempt calls `apply_multiplex_routing`: within the matching
@@ -53,18 +55,23 @@ Routers:
                adapters pinned 8 per replica, balanced by popularity (largest first onto the
                lightest replica); their requests go to their replica (waiting while it is
                full), others to the replica with the shortest queue (and miss). Its replicas
-               never let a one-off adapter evict a popular one, which no router in front of
-               LRU replicas can promise: most of the gap between affinity and oracle is that.
+               never let a one-off adapter evict a popular one, and its one-off requests take
+               no slot while they wait. Under LRU most of the gap between affinity and oracle
+               was one-offs evicting popular adapters; with W-TinyLFU what remains is mostly
+               slots held by queued one-off requests (a one-off must get a slot to run).
 
 Metrics, after the first WARMUP_FRACTION of requests: hit rate (slot hit when the request
 reaches its replica, over requests placed), p50/p99 latency from arrival to completion (sim
-time, ms), requests dropped. Deterministic for a seed.
+time, ms), requests dropped. Deterministic for a seed. Keys ending `_lru` are affinity and
+Ray's default at 90% on LRU replicas (Ray's own `@serve.multiplexed` is an LRU): the
+comparison the admission policy is chosen by.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import heapq
 import itertools
 import json
@@ -76,6 +83,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from deployments.engine.admission import ADMISSION_POLICIES, DEFAULT_ADMISSION
 from deployments.engine.slots import SlotPool
 from deployments.routing_policy import DEFAULT_WEIGHTS, AdapterLoadTracker, ReplicaView, RoutingWeights, rank_replicas
 
@@ -103,6 +111,8 @@ ROUTER_WAIT_LIMIT_S = 2.0
 LOAD_WINDOW_S = 120.0
 """Decay window of the affinity router's per-adapter demand estimate."""
 UTILIZATIONS = (0.5, 0.9)
+LRU_COMPARED = ("affinity", "ray_default")
+"""Policies also run at the top utilization on LRU replicas (`sim_*_lru` keys)."""
 FULL_REQUESTS = 30_000
 QUICK_REQUESTS = 4_000
 WARMUP_FRACTION = 0.1
@@ -122,8 +132,12 @@ class SimConfig:
     num_requests: int = FULL_REQUESTS
     seed: int = 0
     affinity_weights: RoutingWeights = DEFAULT_WEIGHTS
+    admission: str = DEFAULT_ADMISSION
+    """The replicas' slot policy (`deployments.engine.admission`); the oracle pins instead."""
 
     def __post_init__(self) -> None:
+        if self.admission not in ADMISSION_POLICIES:
+            raise ValueError(f"unknown admission {self.admission!r}; choose one of {ADMISSION_POLICIES}")
         if self.max_queue > self.slots_per_replica:
             # Each queued request holds a slot; more requests than slots could find none.
             raise ValueError("max_queue must be <= slots_per_replica")
@@ -184,9 +198,11 @@ class _Report:
     victim: str | None = None
 
 
-class _LruSlots:
-    def __init__(self, num_slots: int) -> None:
-        self._pool = SlotPool(num_slots)
+class _PoolSlots:
+    """A replica's slots: the engine's own `SlotPool`, with the admission policy under test."""
+
+    def __init__(self, num_slots: int, admission: str) -> None:
+        self._pool = SlotPool(num_slots, admission=admission)
 
     def acquire(self, adapter_id: str) -> bool:
         return self._pool.acquire(adapter_id).hit
@@ -194,17 +210,10 @@ class _LruSlots:
     def release(self, adapter_id: str) -> None:
         self._pool.release(adapter_id)
 
-    def report(self, held: set[str]) -> _Report:
+    def report(self) -> _Report:
         snapshot = self._pool.snapshot()
-        # The pool's next victim: its least recently used resident no request holds.
-        victim = None
-        if not snapshot.free_slots:
-            pinned = set(snapshot.pinned)
-            victim = next(
-                (a for a in reversed(snapshot.warm) if a not in held and a not in pinned), None
-            )
         return _Report(
-            frozenset(snapshot.warm), snapshot.free_slots, snapshot.evictable_slots, victim
+            frozenset(snapshot.warm), snapshot.free_slots, snapshot.evictable_slots, snapshot.next_victim
         )
 
 
@@ -220,14 +229,14 @@ class _PinnedSlots:
     def release(self, adapter_id: str) -> None:
         pass
 
-    def report(self, held: set[str]) -> _Report:
+    def report(self) -> _Report:
         return _Report(self._pinned, 0, 0, None)
 
 
 @dataclass
 class _Replica:
     replica_id: str
-    slots: _LruSlots | _PinnedSlots
+    slots: _PoolSlots | _PinnedSlots
     max_queue: int
     queue: deque = field(default_factory=deque)
     report: _Report = _Report()
@@ -236,7 +245,7 @@ class _Replica:
     """Adapters the affinity router sent here since the last report: it counts them as warm."""
 
     def refresh_report(self) -> None:
-        self.report = self.slots.report({request.adapter_id for request in self.queue})
+        self.report = self.slots.report()
         self.report_pending = False
         self.routed_since_report.clear()
 
@@ -261,7 +270,7 @@ class _Simulation:
             self.replicas = self._oracle_replicas()
         else:
             self.replicas = [
-                _Replica(f"replica-{i}", _LruSlots(config.slots_per_replica), config.max_queue)
+                _Replica(f"replica-{i}", _PoolSlots(config.slots_per_replica, config.admission), config.max_queue)
                 for i in range(config.num_replicas)
             ]
         self.index_of = {r.replica_id: i for i, r in enumerate(self.replicas)}
@@ -463,23 +472,35 @@ def simulate_policy(config: SimConfig, policy: str, utilization: float) -> dict:
     }
 
 
-def run_simulation(quick: bool = False, seed: int = 0) -> dict:
-    """Every policy at every utilization; flat `sim_*` keys (no suffix = 90%, `_50` = 50%)."""
-    config = SimConfig(num_requests=QUICK_REQUESTS if quick else FULL_REQUESTS, seed=seed)
+def _record(results: dict, policy: str, suffix: str, metrics: dict) -> None:
+    results[f"sim_hit_rate_{policy}{suffix}"] = metrics["hit_rate"]
+    results[f"sim_p50_ms_{policy}{suffix}"] = metrics["p50_ms"]
+    results[f"sim_p99_ms_{policy}{suffix}"] = metrics["p99_ms"]
+    results[f"sim_dropped_{policy}{suffix}"] = metrics["dropped"]
+
+
+def run_simulation(quick: bool = False, seed: int = 0, admission: str = DEFAULT_ADMISSION) -> dict:
+    """Every policy at every utilization; flat `sim_*` keys (no suffix = 90%, `_50` = 50%,
+    `_lru` = 90% on LRU replicas)."""
+    config = SimConfig(num_requests=QUICK_REQUESTS if quick else FULL_REQUESTS, seed=seed, admission=admission)
     started = time.perf_counter()
     results: dict = {}
     for utilization in UTILIZATIONS:
         suffix = "" if utilization == max(UTILIZATIONS) else f"_{round(utilization * 100)}"
         for policy in POLICIES:
-            metrics = simulate_policy(config, policy, utilization)
-            results[f"sim_hit_rate_{policy}{suffix}"] = metrics["hit_rate"]
-            results[f"sim_p50_ms_{policy}{suffix}"] = metrics["p50_ms"]
-            results[f"sim_p99_ms_{policy}{suffix}"] = metrics["p99_ms"]
-            results[f"sim_dropped_{policy}{suffix}"] = metrics["dropped"]
+            _record(results, policy, suffix, simulate_policy(config, policy, utilization))
+    lru = dataclasses.replace(config, admission="lru")
+    for policy in LRU_COMPARED:
+        if admission == "lru":
+            metrics = {name: results[f"sim_{name}_{policy}"] for name in ("hit_rate", "p50_ms", "p99_ms", "dropped")}
+        else:
+            metrics = simulate_policy(lru, policy, max(UTILIZATIONS))
+        _record(results, policy, "_lru", metrics)
     affinity, oracle = results["sim_hit_rate_affinity"], results["sim_hit_rate_oracle"]
     ray_default = results["sim_hit_rate_ray_default"]
     results["sim_goal_within_5_points_of_oracle"] = oracle - affinity <= 0.05
     results["sim_goal_10_points_above_ray_default"] = affinity - ray_default >= 0.10
+    results["sim_admission"] = admission
     results["sim_requests_per_run"] = config.num_requests
     results["sim_seed"] = seed
     results["sim_wall_s"] = round(time.perf_counter() - started, 2)
@@ -490,8 +511,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, fewer requests")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--admission", choices=ADMISSION_POLICIES, default=DEFAULT_ADMISSION,
+        help="the replicas' slot admission policy (default: the engine's, %(default)s)",
+    )
     args = parser.parse_args(argv)
-    results = run_simulation(quick=args.quick, seed=args.seed)
+    results = run_simulation(quick=args.quick, seed=args.seed, admission=args.admission)
     print(json.dumps(results), flush=True)
     return 0
 

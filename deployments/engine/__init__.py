@@ -15,7 +15,7 @@ continuous batching across adapters. Usable without Ray:
     sampling      per-row temperature, top-p/top-k, repetition penalty and seeds, one call per step
     text_stream   TextStream: incremental detokenizing and stop strings for one request
     slot_lora     SlotLoraModel: stacked per-slot LoRA weights, swaps as in-place copies
-    slots         SlotPool: the LRU of hotswap slots (pure Python)
+    slots         SlotPool: the hotswap slots, W-TinyLFU admission by default (`admission`; pure Python)
     host_cache    HostCache: prepared adapters in host memory, bounded by bytes (pure Python)
     base_model    load the base model and tokenizer offline (SmolLM2, tiny, a local folder)
     devices       `auto` device, dtype and compile settings made concrete

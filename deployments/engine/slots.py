@@ -1,8 +1,8 @@
 """Which adapter lives in which hotswap slot of one replica's engine.
 
 The engine owns the tensors (`[slots + 1, r_max, ...]`, index 0 being the base model); this module
-only decides the index. It imports neither torch nor Ray so the policy is tested with plain inputs
-and an injected clock.
+only decides the index, and `admission.py` which resident a miss evicts. It imports neither torch
+nor Ray so the policy is tested with plain inputs and an injected clock.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from deployments.engine.admission import DEFAULT_ADMISSION, Admission, AdmissionPolicy, Candidate, make_admission
 from lora_core.errors import SlotsExhaustedError
 
 __all__ = ["BASE_SLOT", "SWAP_WINDOW", "PoolSnapshot", "SlotAssignment", "SlotPool"]
@@ -83,6 +84,8 @@ class _Resident:
     refs: int = 0
     pinned: bool = False
     last_used_s: float = 0.0
+    in_window: bool = False
+    """In the admission window (a newcomer) rather than the main segment (`admission.py`)."""
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -92,15 +95,22 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 
 class SlotPool:
-    """An LRU map from adapter id to hotswap slot `1..num_slots`, with pins and in-flight refcounts.
+    """A map from adapter id to hotswap slot `1..num_slots`, with pins, in-flight refcounts and a
+    pluggable eviction policy (`admission`).
 
     Algorithm: residents live in an `OrderedDict` ordered from least to most recently acquired.
     `acquire` on a resident adapter (a hit) moves it to the end. On a miss the pool takes the
-    lowest empty slot; with none empty it evicts the first resident, from the least recent end,
-    that is neither pinned nor held by an in-flight request, and reuses its slot. Every `acquire`
-    adds one in-flight ref that the caller gives back with `release`, so the weights of an
-    adapter a request is still decoding with are never overwritten. A hit is O(1); an eviction
-    skips only the held or pinned residents older than its victim.
+    lowest empty slot; with none empty it asks the admission policy which resident that is
+    neither pinned nor held by an in-flight request to evict, and reuses its slot. Every
+    `acquire` adds one in-flight ref that the caller gives back with `release`, so the weights
+    of an adapter a request is still decoding with are never overwritten.
+
+    Policies (`admission.py`): "lru" evicts the least recently acquired resident. "tinylfu"
+    (the default) is W-TinyLFU: a miss always gets a slot, but a newcomer lands in a small
+    admission window, and a window resident only takes a main-segment resident's place if its
+    adapter was asked for more often (counts per adapter id across versions, halved
+    periodically), so a stream of one-off adapters does not evict a hot one. A hit is O(1); a
+    miss that evicts is O(num_slots).
 
     Invariants, holding after every public call:
       - slot 0 (`BASE_SLOT`) is never assigned;
@@ -109,17 +119,27 @@ class SlotPool:
       - an adapter with refs > 0 or pinned is never evicted;
       - at most `num_slots - 1` adapters are pinned, so a new adapter can be served once the
         in-flight requests finish;
-      - a refused call (`SlotsExhaustedError`, `ValueError`) changes nothing.
+      - at most `window_slots` residents are in the admission window, none of them pinned;
+      - `snapshot().next_victim` is what the next miss evicts;
+      - a refused call (`SlotsExhaustedError`, `ValueError`) changes nothing (frequency
+        counts included).
 
     Thread-safe: one lock guards all state, because the engine's loop thread mutates the pool
     while the replica reads snapshots from another thread.
     """
 
-    def __init__(self, num_slots: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        num_slots: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        admission: Admission | AdmissionPolicy = DEFAULT_ADMISSION,
+    ) -> None:
         if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots < 1:
             raise ValueError(f"num_slots must be an integer >= 1, got {num_slots!r}")
         self._num_slots = num_slots
         self._clock = clock
+        self._admission = make_admission(admission, num_slots) if isinstance(admission, str) else admission
         self._lock = threading.Lock()
         self._residents: OrderedDict[str, _Resident] = OrderedDict()
         # Lowest index first, so assignment is deterministic and tests can predict it.
@@ -134,6 +154,12 @@ class SlotPool:
     @property
     def num_slots(self) -> int:
         return self._num_slots
+
+    @property
+    def admission(self) -> AdmissionPolicy:
+        """The eviction policy, for tests and tools; it has no lock of its own (the pool calls it
+        under the pool's lock), so read it only where no other thread uses the pool."""
+        return self._admission
 
     def acquire(self, adapter_id: str) -> SlotAssignment:
         """Give `adapter_id` a slot and hold it for one request; pair with `release`.
@@ -151,19 +177,28 @@ class SlotPool:
                 entry.refs += 1
                 entry.last_used_s = now
                 self._hits += 1
+                self._admission.record(adapter_id)
                 return SlotAssignment(slot=entry.slot, hit=True)
 
             evicted: str | None = None
             if self._free:
                 slot = heapq.heappop(self._free)
             else:
-                evicted = self._lru_victim()
-                if evicted is None:
+                # Chosen before this request is counted, so it is what `next_victim` said.
+                eviction = self._admission.choose(self._candidates())
+                if eviction is None:
                     raise SlotsExhaustedError(self._exhausted_message())
+                evicted = eviction.victim
+                if eviction.promoted is not None:
+                    self._residents[eviction.promoted].in_window = False
                 slot = self._residents.pop(evicted).slot
                 self._evictions += 1
-            self._residents[adapter_id] = _Resident(slot=slot, refs=1, last_used_s=now)
+            in_window = self._admission.window_slots > 0
+            self._residents[adapter_id] = _Resident(slot=slot, refs=1, last_used_s=now, in_window=in_window)
+            if in_window:
+                self._trim_window()
             self._misses += 1
+            self._admission.record(adapter_id)
             return SlotAssignment(slot=slot, hit=False, evicted=evicted)
 
     def release(self, adapter_id: str) -> None:
@@ -218,6 +253,7 @@ class SlotPool:
                     "raise the slot count"
                 )
             entry.pinned = True
+            entry.in_window = False  # a pinned adapter takes no part in admission
             self._pinned_count += 1
 
     def unpin(self, adapter_id: str) -> None:
@@ -243,8 +279,8 @@ class SlotPool:
             return entry is not None and entry.refs > 0
 
     def rename(self, old_id: str, new_id: str) -> int:
-        """Give a resident's slot, pin and LRU place to another id (a new version written into
-        the same slot); refused while requests hold it. Returns the slot."""
+        """Give a resident's slot, pin, recency place and admission segment to another id (a new
+        version written into the same slot); refused while requests hold it. Returns the slot."""
         with self._lock:
             entry = self._residents.get(old_id)
             if entry is None or new_id in self._residents:
@@ -297,14 +333,25 @@ class SlotPool:
                 swap_ms_p50=_percentile(ordered, 50) if ordered else None,
                 swap_ms_p99=_percentile(ordered, 99) if ordered else None,
                 last_used_s={a: entries[a].last_used_s for a in warm},
-                next_victim=None if self._free else self._lru_victim(),
+                next_victim=None if self._free else self._victim(),
             )
 
-    def _lru_victim(self) -> str | None:
-        for adapter_id, entry in self._residents.items():
-            if entry.refs == 0 and not entry.pinned:
-                return adapter_id
-        return None
+    def _candidates(self) -> list[Candidate]:
+        return [
+            Candidate(key, entry.in_window, entry.refs == 0 and not entry.pinned)
+            for key, entry in self._residents.items()
+        ]
+
+    def _victim(self) -> str | None:
+        eviction = self._admission.choose(self._candidates())
+        return None if eviction is None else eviction.victim
+
+    def _trim_window(self) -> None:
+        """Move the least recent window residents into main until the window fits again (a
+        newcomer overfills it while a slot is free, or while its other residents are held)."""
+        window = [entry for entry in self._residents.values() if entry.in_window]
+        for entry in window[: max(0, len(window) - self._admission.window_slots)]:
+            entry.in_window = False
 
     def _exhausted_message(self) -> str:
         entries = self._residents.values()

@@ -8,6 +8,8 @@ import pytest
 
 import benchmarks.routing_sim as routing_sim
 from benchmarks.routing_sim import POLICIES, SimConfig, run_simulation, simulate_policy
+from deployments.engine.admission import LruAdmission, TinyLfuAdmission
+from deployments.engine.slots import SlotPool
 
 SMALL = SimConfig(num_requests=1500)
 
@@ -116,7 +118,53 @@ def test_ray_model_falls_back_to_fewest_models_when_the_holder_is_full() -> None
 
 
 def test_main_prints_one_json_line_last(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(routing_sim, "run_simulation", lambda quick, seed: {"quick": quick})
+    monkeypatch.setattr(
+        routing_sim, "run_simulation", lambda quick, seed, admission: {"quick": quick, "admission": admission}
+    )
     assert routing_sim.main(["--quick"]) == 0
     last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last_line) == {"quick": True}
+    assert json.loads(last_line) == {"quick": True, "admission": "tinylfu"}
+    assert routing_sim.main(["--quick", "--admission", "lru"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["admission"] == "lru"
+
+
+# ---- the replicas' slots are the engine's SlotPool, with its admission policy ---------------
+
+
+@pytest.mark.parametrize("admission,policy_class", [("lru", LruAdmission), ("tinylfu", TinyLfuAdmission)])
+def test_replicas_use_the_engine_slot_pool_with_the_configured_admission(admission, policy_class) -> None:
+    simulation = routing_sim._Simulation(SimConfig(num_requests=10, admission=admission), [], "affinity")
+    for replica in simulation.replicas:
+        assert isinstance(replica.slots._pool, SlotPool)
+        assert isinstance(replica.slots._pool.admission, policy_class)
+
+
+def test_config_refuses_an_unknown_admission() -> None:
+    with pytest.raises(ValueError, match="unknown admission"):
+        SimConfig(admission="fifo")
+
+
+def test_reported_victim_is_the_pools_next_victim() -> None:
+    slots = routing_sim._PoolSlots(2, "tinylfu")
+    for adapter_id in ("hot", "hot", "hot", "once"):
+        slots.acquire(adapter_id)
+        slots.release(adapter_id)
+    assert slots.report().victim == "once"  # under LRU it would be "hot", the least recent
+
+
+def test_quick_run_reports_the_lru_comparison(quick_results: dict) -> None:
+    assert quick_results["sim_admission"] == "tinylfu"
+    for policy in routing_sim.LRU_COMPARED:
+        assert 0.0 <= quick_results[f"sim_hit_rate_{policy}_lru"] <= 1.0
+        assert quick_results[f"sim_p99_ms_{policy}_lru"] >= quick_results[f"sim_p50_ms_{policy}_lru"] > 0
+        assert isinstance(quick_results[f"sim_dropped_{policy}_lru"], int)
+    # One-off adapters no longer evict hot ones: more hits, fewer drops than on LRU replicas.
+    assert quick_results["sim_hit_rate_affinity"] > quick_results["sim_hit_rate_affinity_lru"] + 0.02
+    assert quick_results["sim_dropped_affinity"] < quick_results["sim_dropped_affinity_lru"]
+
+
+def test_lru_keys_are_an_lru_run_of_the_same_trace(quick_results: dict) -> None:
+    config = SimConfig(num_requests=routing_sim.QUICK_REQUESTS, admission="lru")
+    metrics = simulate_policy(config, "affinity", max(routing_sim.UTILIZATIONS))
+    assert quick_results["sim_hit_rate_affinity_lru"] == metrics["hit_rate"]
+    assert quick_results["sim_dropped_affinity_lru"] == metrics["dropped"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.engine.admission import LruAdmission, TinyLfuAdmission
 from deployments.engine.slots import BASE_SLOT, SWAP_WINDOW, PoolSnapshot, SlotAssignment, SlotPool
 from lora_core.errors import SlotsExhaustedError
 
@@ -133,7 +134,7 @@ def test_counts_hits_misses_and_evictions():
 
 
 def test_lru_touched_adapter_survives_and_untouched_one_is_evicted():
-    pool = SlotPool(3)
+    pool = SlotPool(3, admission="lru")
     _fill(pool, "a", "b", "c")
     _fill(pool, "a")  # a is now most recent; b is the least recent
     evicted = pool.acquire("d").evicted
@@ -144,7 +145,7 @@ def test_lru_touched_adapter_survives_and_untouched_one_is_evicted():
 
 
 def test_evicted_adapter_slot_is_reused():
-    pool = SlotPool(2)
+    pool = SlotPool(2, admission="lru")
     _fill(pool, "a", "b")
     slot_a = pool.slot_of("a")
     assignment = pool.acquire("c")
@@ -348,7 +349,7 @@ def test_pin_and_unpin_are_idempotent():
 
 
 def test_pin_survives_release_and_unpin_makes_evictable():
-    pool = SlotPool(2)
+    pool = SlotPool(2, admission="lru")
     pool.acquire("a")
     pool.pin("a")
     pool.release("a")
@@ -365,7 +366,7 @@ def test_pin_survives_release_and_unpin_makes_evictable():
 
 
 def test_slot_of_and_contains_do_not_bump_lru_or_count():
-    pool = SlotPool(2)
+    pool = SlotPool(2, admission="lru")
     _fill(pool, "a", "b")
     before = pool.snapshot()
     assert pool.slot_of("a") == 1
@@ -455,7 +456,7 @@ def test_record_swap_rejects_bad_durations(bad):
 
 def test_to_dict_is_plain_and_complete():
     clock = FakeClock(1.0)
-    pool = SlotPool(2, clock=clock)
+    pool = SlotPool(2, clock=clock, admission="lru")
     _fill(pool, "a")
     pool.record_swap(2.0)
     d = pool.snapshot().to_dict()
@@ -655,9 +656,10 @@ def _check_invariants(pool: SlotPool, snap: PoolSnapshot, ids: list[str]) -> Non
 
 @pytest.mark.parametrize("num_slots,seed", [(1, 0), (3, 1), (5, 2)])
 def test_random_ops_match_reference_model(num_slots, seed):
+    """The LRU policy, exactly; `test_random_ops_keep_tinylfu_invariants` checks tinylfu."""
     rng = random.Random(seed)
     clock = FakeClock(0.0)
-    pool = SlotPool(num_slots, clock=clock)
+    pool = SlotPool(num_slots, clock=clock, admission="lru")
     model = ReferenceModel(num_slots)
     ids = [f"ad{i}" for i in range(num_slots * 2 + 1)]
     ops = ["acquire"] * 6 + ["release"] * 5 + ["discard", "pin", "unpin", "swap", "slot_of"]
@@ -700,3 +702,200 @@ def test_random_ops_match_reference_model(num_slots, seed):
     # The run exercised the interesting paths, not just the easy ones.
     assert hold_counts["evicted"] > 50
     assert hold_counts["exhausted"] > 0
+
+
+# ---- admission: W-TinyLFU (the default) -----------------------------------------------------
+
+
+def _hot_pool(admission="tinylfu") -> SlotPool:
+    """4 slots: h0 (3 requests), h1 (2), h2 (4) in main, a free slot; nothing held."""
+    pool = SlotPool(4, admission=admission)
+    _fill(pool, "h0", "h0", "h0", "h1", "h1", "h2", "h2", "h2", "h2")
+    return pool
+
+
+def test_default_admission_is_tinylfu_with_a_one_slot_window():
+    pool = SlotPool(8)
+    assert isinstance(pool.admission, TinyLfuAdmission) and pool.admission.window_slots == 1
+    assert isinstance(SlotPool(8, admission="lru").admission, LruAdmission)
+
+
+def test_unknown_admission_is_refused():
+    with pytest.raises(ValueError, match="unknown admission 'fifo'"):
+        SlotPool(2, admission="fifo")
+
+
+@pytest.mark.parametrize("admission", ["lru", "tinylfu"])
+def test_a_stream_of_one_offs_evicts_hot_adapters_only_under_lru(admission):
+    pool = _hot_pool(admission)
+    for i in range(50):
+        _fill(pool, f"once{i}")
+    hot_left = {"h0", "h1", "h2"} & set(pool.snapshot().warm)
+    assert hot_left == ({"h0", "h1", "h2"} if admission == "tinylfu" else set())
+    assert "once49" in pool  # every one-off still got its slot
+
+
+def test_a_recurring_newcomer_wins_its_way_in_over_the_least_frequent():
+    pool = _hot_pool()
+    evicted_hot = []
+    for i in range(10):
+        for adapter_id in ("new", f"once{i}"):
+            assignment = pool.acquire(adapter_id)
+            pool.release(adapter_id)
+            if assignment.evicted in {"h0", "h1", "h2"}:
+                evicted_hot.append(assignment.evicted)
+    assert evicted_hot == ["h1"]  # h1 had the fewest requests (2); new overtook it once
+    assert {"new", "h0", "h2"} <= set(pool.snapshot().warm)
+
+
+def test_held_window_makes_a_newcomer_take_the_least_frequent_slot_not_the_least_recent():
+    pool = _hot_pool()
+    pool.acquire("once0")  # held by a request: the window's only resident cannot go
+    assert pool.snapshot().next_victim == "h1"
+    assert pool.acquire("once1").evicted == "h1"  # h0 is less recent, but asked for more often
+    lru = _hot_pool("lru")
+    lru.acquire("once0")
+    assert lru.acquire("once1").evicted == "h0"
+
+
+def test_next_victim_is_what_the_next_miss_evicts_when_the_candidate_is_promoted():
+    pool = _hot_pool()
+    _fill(pool, "once0")  # fills the free slot, in the window
+    for i in (1, 2):
+        _fill(pool, "fresh", f"once{i}")  # fresh (1, then 2 requests) loses to h1 (2) each time
+    _fill(pool, "fresh")  # its 3rd request: in the window, and now asked for more than h1
+    assert pool.snapshot().next_victim == "h1"
+    assert pool.acquire("once3").evicted == "h1"
+    pool.release("once3")
+    assert pool.snapshot().next_victim == "once3"  # fresh moved into main; the window goes next
+    assert pool.acquire("once4").evicted == "once3"
+
+
+@pytest.mark.parametrize("newcomer,loser", [("a@v2", "b@v1"), ("z@v1", "z@v1")])
+def test_frequency_is_counted_per_adapter_so_a_new_version_inherits_it(newcomer, loser):
+    pool = SlotPool(3)
+    _fill(pool, *["a@v1"] * 4, *["b@v1"] * 3, *["c@v1"] * 2)  # main: a, b; window: c
+    assert pool.acquire(newcomer).evicted == "c@v1"  # the newcomer lands in the window
+    pool.release(newcomer)
+    pool.discard("a@v1")  # as the residency frees the old version's slot
+    _fill(pool, "d@v1")  # takes the free slot; the newcomer moves on into main
+    pool.acquire("e@v1")  # held: the window cannot give its slot
+    # a@v2 carries a@v1's 4 requests (5 now) past b's 3; a brand-new z has 1.
+    assert pool.admission.frequency(newcomer) == (5 if newcomer == "a@v2" else 1)
+    assert pool.acquire("f@v1").evicted == loser
+
+
+def test_aging_lets_a_formerly_hot_adapter_be_evicted():
+    def run(sample_size: int) -> tuple[SlotPool, list[int]]:
+        pool = SlotPool(2, admission=TinyLfuAdmission(2, sample_size=sample_size))
+        _fill(pool, *["old"] * 30)  # hot once, then never again
+        counts = []
+        for i in range(12):
+            _fill(pool, "new", f"once{i}")
+            counts.append(pool.admission.frequency("old"))
+        return pool, counts
+
+    aged, counts = run(sample_size=10)
+    assert "old" not in aged and "new" in aged
+    assert counts[0] > counts[-1] and counts == sorted(counts, reverse=True)
+    unaged, _ = run(sample_size=10_000)  # the same traffic without halving
+    assert "old" in unaged
+
+
+def test_pinned_and_held_adapters_survive_one_offs_and_contests():
+    pool = SlotPool(4)
+    _fill(pool, "p")
+    pool.pin("p")  # asked for once, pinned
+    pool.acquire("h")  # asked for once, held by a long request
+    for i in range(40):
+        _fill(pool, "recurring", f"once{i}")
+        assert "p" in pool and "h" in pool
+    assert pool.slot_of("p") == 1 and pool.slot_of("h") == 2
+    assert "recurring" in pool
+
+
+def test_pinning_the_window_resident_frees_the_window_for_newcomers():
+    pool = SlotPool(3)
+    _fill(pool, "a", "a", "b", "b", "c")  # main: a, b; window: c
+    pool.pin("c")
+    assert pool.acquire("x").evicted == "a"  # the window is empty: main's weakest (a tie: least recent)
+    pool.release("x")
+    assert pool.acquire("y").evicted == "x"  # x landed in the window, c stays pinned
+    assert "c" in pool
+
+
+def test_a_refused_acquire_counts_no_request():
+    pool = SlotPool(1)
+    pool.acquire("a")
+    with pytest.raises(SlotsExhaustedError):
+        pool.acquire("b")
+    assert pool.admission.frequency("b") == 0 and pool.admission.frequency("a") == 1
+
+
+def test_rename_keeps_the_segment_and_the_adapter_count():
+    pool = SlotPool(3)
+    _fill(pool, *["a@v1"] * 4, "b@v1", "c@v1")  # main: a, b; window: c
+    pool.rename("a@v1", "a@v2")
+    assert pool.admission.frequency("a@v2") == 4
+    _fill(pool, "d@v1")  # the window's c goes, not a@v2 (main, 4 requests)
+    assert "a@v2" in pool and "c@v1" not in pool
+
+
+@pytest.mark.parametrize("num_slots,seed", [(1, 3), (4, 4), (8, 5)])
+def test_random_ops_keep_tinylfu_invariants(num_slots, seed):
+    rng = random.Random(seed)
+    policy = TinyLfuAdmission(num_slots, sample_size=7 * num_slots)  # halves often
+    pool = SlotPool(num_slots, clock=FakeClock(0.0), admission=policy)
+    ids = [f"ad{i}@v{v}" for i in range(num_slots * 2 + 1) for v in (1, 2)]
+    held: dict[str, int] = {}
+    evicted_from = {"window": 0, "main": 0}
+    for step in range(4000):
+        op = rng.choice(["acquire"] * 6 + ["release"] * 5 + ["discard", "pin", "unpin", "rename"])
+        a = rng.choice(ids)
+        before = pool.snapshot()
+        if op == "acquire":
+            window_before = {k for k, e in pool._residents.items() if e.in_window}
+            try:
+                assignment = pool.acquire(a)
+            except SlotsExhaustedError:
+                assert a not in pool and before.free_slots == 0 and before.next_victim is None
+                assert pool.snapshot() == before
+                continue
+            held[a] = held.get(a, 0) + 1
+            if assignment.hit:
+                assert a in before.warm
+            elif before.free_slots:
+                assert assignment.evicted is None
+            else:
+                assert assignment.evicted == before.next_victim, step  # the router's view was right
+                assert assignment.evicted not in held and assignment.evicted not in before.pinned
+                evicted_from["window" if assignment.evicted in window_before else "main"] += 1
+        elif op == "release":
+            if held.get(a):
+                pool.release(a)
+                held[a] -= 1
+                if not held[a]:
+                    del held[a]
+        elif op == "discard":
+            if pool.discard(a, force=True) is not None:
+                held.pop(a, None)
+        elif op == "pin" and a in pool:
+            try:
+                pool.pin(a)
+            except ValueError:
+                pass
+        elif op == "unpin" and a in pool:
+            pool.unpin(a)
+        elif op == "rename" and a in pool and a not in held:
+            other = rng.choice(ids)
+            if other not in pool:
+                pool.rename(a, other)
+        snap = pool.snapshot()
+        _check_invariants(pool, snap, ids)
+        window = [k for k, e in pool._residents.items() if e.in_window]
+        assert len(window) <= policy.window_slots and not set(window) & set(snap.pinned)
+        assert snap.in_flight == sum(held.values())
+        assert len(policy.sketch) <= 2 * policy.sketch.sample_size
+    assert evicted_from["window"] > 10
+    if num_slots > 1:
+        assert evicted_from["main"] > 10  # window residents won contests, or the window was held
