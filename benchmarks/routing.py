@@ -240,14 +240,16 @@ def base_capacity_rps(url: str, base_model: str, burst: int, max_tokens: int, ti
 def phase_app(app_args: dict, phase: str):
     """`build_app(app_args)` as is for `affinity`; for the Ray phases the same app with the
     replicas' deployment swapped for RayMultiplexedReplica under Ray's default request router
-    (every other option exactly as build_app set it)."""
+    and LRU slots (every other option exactly as build_app set it)."""
     from ray.serve.config import RequestRouterConfig
 
     from deployments.app import build_app
 
-    app = build_app(app_args)
     if phase == "affinity":
-        return app
+        return build_app(app_args)
+    # Ray's own multiplexing evicts the least recently used model, and its routers are told what
+    # that LRU holds: the engine's slots follow the same rule in these phases.
+    app = build_app({**app_args, "replica": {**app_args.get("replica", {}), "slot_admission": "lru"}})
     router = app._bound_deployment  # Ray keeps the bound deployment here (no public accessor)
     replicas_app = router.init_args[0] if router.init_args else None
     if not hasattr(replicas_app, "_bound_deployment") or replicas_app._bound_deployment.name != REPLICA_DEPLOYMENT:

@@ -49,6 +49,9 @@ class EngineConfig(BaseModel):
     prefill_chunk_tokens: int = Field(
         256, ge=1, le=65536, description="prompt tokens prefilled per step: what a long prompt may cost a step"
     )
+    slot_admission: Literal["lru", "tinylfu"] = Field(
+        "tinylfu", description="which resident a slot miss evicts: W-TinyLFU (one-off adapters do not evict hot "
+        "ones) or plain LRU (deployments.engine.admission)")
     batch_wait_ms: float = Field(0.0, ge=0, le=1000, description="an idle engine waits this long for more arrivals")
     host_cache_bytes: int = Field(1 << 30, ge=0)
     max_adapter_bytes: int = Field(512 << 20, ge=1)

@@ -95,7 +95,7 @@ class Engine:
         ))
         self.residency = AdapterResidency(
             self.slot_model, config.num_slots, config.host_cache_bytes, config.max_adapter_bytes,
-            loop=self.scheduler, resolver=resolver, on_rejected=on_rejected,
+            loop=self.scheduler, resolver=resolver, on_rejected=on_rejected, admission=config.slot_admission,
         )
         self.residency.prober = self._answer_probe
         if self.runner.compiled:

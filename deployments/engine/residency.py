@@ -141,12 +141,13 @@ class AdapterResidency:
         loop: ModelLoop,
         resolver: AdapterResolver | None = None,
         on_rejected: RejectionReporter | None = None,
+        admission: str = "tinylfu",
     ) -> None:
         self.slot_model = slot_model
         self.on_rejected = on_rejected
         self.prober: Prober | None = None  # set by the engine, which can run a request
         self.swap_observer: Callable[[float], None] | None = None  # each slot write's ms (the replica's metrics)
-        self.pool = SlotPool(num_slots)
+        self.pool = SlotPool(num_slots, admission=admission)
         self._executor = ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="adapter-load")
         self.host_cache: HostCache[PreparedAdapter] = HostCache(host_cache_bytes, self._executor)
         self._max_adapter_bytes = max_adapter_bytes

@@ -162,3 +162,10 @@ def test_store_pins_are_applied_exactly_and_other_pins_left_alone(engine_factory
     residency.apply_store_pins(frozenset({"acme/b", "acme/nobody"}))  # an unknown one is logged, not fatal
     assert set(residency.pool_snapshot().pinned) == {"acme/b", "acme/c"}
     assert "acme/b" in engine.routing_stats().pinned
+
+
+def test_the_engine_setting_picks_the_slot_pools_admission(engine_factory):
+    from deployments.engine.admission import LruAdmission, TinyLfuAdmission
+
+    assert isinstance(engine_factory().residency.pool.admission, TinyLfuAdmission)
+    assert isinstance(engine_factory(slot_admission="lru").residency.pool.admission, LruAdmission)
