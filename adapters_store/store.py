@@ -269,8 +269,9 @@ class StoreMetrics:
 
     def observe(self, report: SyncReport, status: dict) -> None:
         self.sync_s.observe(report.duration_s)
+        failed = {key.split("#", 1)[0] for key in report.unavailable}  # a source key is its URI (#id)
         for source in status["sources"]:
-            if source["uri"] in {key.split("#", 1)[0] for key in report.unavailable}:
+            if source["uri"] in failed:
                 self.failures.inc(1, {"source": source["uri"]})
             last = source["last_success_at"]
             lag_s = (utc_now() - datetime.fromisoformat(last)).total_seconds() if last else 0.0

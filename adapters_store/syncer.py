@@ -316,7 +316,7 @@ class AdapterSyncer:
             if before.disabled is None or record.served is None:
                 return record, []
             logger.info("enabled adapter %s", adapter_id)
-            return record, [AdapterChange(record.adapter_id, record.served.version)]
+            return record, [self._served_change(record)]
 
     def report_rejected(self, adapter_id: str, version: str, reason: str) -> list[AdapterChange]:
         """A replica found `version` bad after it landed (`reason`): reject it, and if it was
@@ -536,7 +536,7 @@ class AdapterSyncer:
         self._remove_unkept_versions(record)
         if before is None or before.version != version or before.sha256 != checkpoint.sha256:
             report.updated.append(adapter_id)
-            if self.registry.get(adapter_id).disabled is None:  # a disabled one is announced when enabled
+            if record.disabled is None:  # a disabled one is announced when enabled
                 report.changes.append(AdapterChange(adapter_id, version))
             logger.info("adapter %s: version %s ready", adapter_id, version)
 

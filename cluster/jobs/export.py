@@ -31,19 +31,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from adapters_store.merge_spec import MergeSpec
 from adapters_store.merging import merge_adapters
+from cluster.jobs.settings import DEFAULT_CONFIG, REPLICA_ONLY_FIELDS, load_settings
 from lora_core.adapter_ids import adapter_dir, parse_s3_uri, validate_adapter_id
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
 from lora_core.errors import LoraServeError, ServiceUnavailableError
 from lora_core.files import publish_folder
 from lora_core.geometry import SlotGeometry, slot_geometry
-from lora_core.paths import REPO_ROOT
 from lora_core.payload import AdapterPayload, checkpoint_from_payload
 from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from lora_core.settings import EngineConfig, StoreConfig
@@ -57,11 +56,7 @@ __all__ = [
 logger = logging.getLogger("cluster.jobs.export")
 
 LOGIT_ATOL = 1e-4  # fp32: merged vs unmerged differ by rounding only
-DEFAULT_CONFIG = REPO_ROOT / "serve_config.yaml"
 DEFAULT_PROBES = ("What is the capital of France?", "Write one sentence about the sea.", "List three colors.")
-REPLICA_ONLY_FIELDS = ("adapters", "store")
-"""`deployments.replica.ReplicaSettings`' fields beyond EngineConfig's (a test keeps them equal);
-that module imports Ray Serve, which a job that exports a local folder does not need."""
 EXPORT_ADAPTER_ID = "export/adapter"
 EXIT_FAILED, EXIT_CHECK_FAILED = 1, 3
 
@@ -116,21 +111,6 @@ class ExportResult:
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "files": list(self.files)})
-
-
-def load_settings(config_path: Path) -> tuple[EngineConfig, StoreConfig]:
-    """The first application's `args.replica` as the replicas read it: engine settings and store."""
-    path = Path(config_path)
-    if not path.is_file():
-        raise ExportError(f"no Serve config at {path}; pass one with --config PATH")
-    document = yaml.safe_load(path.read_text()) or {}
-    applications = document.get("applications") or []
-    if not applications:
-        raise ExportError(f"{path} has no applications")
-    replica = dict((applications[0].get("args") or {}).get("replica") or {})
-    store = replica.get("store")
-    engine = {k: v for k, v in replica.items() if k not in REPLICA_ONLY_FIELDS}
-    return EngineConfig.model_validate(engine), StoreConfig.model_validate(store or {})
 
 
 def write_payload_folder(payload: AdapterPayload, folder: Path) -> Path:

@@ -22,16 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from adapters_store.sources.local import LocalSource
-from cluster.jobs.export import load_settings
+from cluster.jobs.settings import DEFAULT_CONFIG, load_settings
 from lora_core.adapter_ids import adapter_dir, parse_source_uri
 from lora_core.checkpoint import read_checkpoint, validate_checkpoint
 from lora_core.errors import LoraServeError
 from lora_core.files import publish_folder
 from lora_core.geometry import SlotGeometry, slot_geometry
-from lora_core.paths import REPO_ROOT
 from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PROBE_FILE
 from lora_core.settings import EngineConfig, StoreConfig
 
@@ -125,7 +125,7 @@ def push_and_sync(source_root: Path, to: str, options: dict[str, Any], engine_co
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     """--to, --config, --endpoint-url, --region, --no-sync: shared with `cluster.jobs.train_demo`."""
     parser.add_argument("--to", required=True, help="a store source root: a local folder or s3://bucket/prefix")
-    parser.add_argument("--config", type=Path, default=REPO_ROOT / "serve_config.yaml",
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
                         help="Serve config (default: %(default)s)")
     parser.add_argument("--endpoint-url", help="S3-compatible endpoint (kept as the source's option)")
     parser.add_argument("--region", help="S3 region (kept as the source's option)")
@@ -141,7 +141,7 @@ def run_push(args: argparse.Namespace, source_root: Path) -> int:
             raise LoraServeError(f"{source_root} is not a folder")
         result, report = push_and_sync(Path(source_root), args.to, options, engine_config, store_config,
                                        sync=not args.no_sync)
-    except LoraServeError as error:
+    except (LoraServeError, ValidationError) as error:
         print(f"push failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return 1
     print(json.dumps({**asdict(result), "sync": report}), flush=True)

@@ -176,8 +176,9 @@ class TinyLfuAdmission:
     takes the least popular main resident's slot, not the least recent one's).
 
     Why main's victim is its least frequent resident, not its least recent one (Caffeine's
-    choice): requests hold their slot while queued, so under load the window's one-off is
-    usually still held when the next one-off arrives, and the eviction falls to main. With an
+    choice): in the routing simulation a request holds its slot while queued, so under load the
+    window's one-off is usually still held when the next one-off arrives, and the eviction falls
+    to main. With an
     LRU main that is LRU again: the routing simulation at 90% gave 0.552, as plain LRU.
     """
 
