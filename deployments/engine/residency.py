@@ -56,7 +56,7 @@ from deployments.engine.slot_lora import PreparedAdapter, SlotLoraModel
 from deployments.engine.slots import PoolSnapshot, SlotPool
 from lora_core.changes import AdapterOnReplica
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
-from lora_core.errors import AdapterNotFoundError, SwapValidationError
+from lora_core.errors import AdapterNotFoundError, LoraServeError, SwapValidationError
 from lora_core.probe import AdapterProbe
 
 __all__ = ["AdapterResidency", "AdapterResolver", "ModelLoop", "Placement", "slot_key"]
@@ -454,6 +454,8 @@ class AdapterResidency:
         combination = self._combinations.get(adapter_id)
         if combination is not None:
             return self._build_combination(adapter_id, combination)
+        if adapter_id.startswith(_PROBE_PREFIX):  # a probe's copy is put in the cache, never loaded
+            raise SwapValidationError(f"{adapter_id} did not land intact: the version is rejected")
         deadline_s = time.monotonic() + REJECTED_WAIT_S
         while True:
             checkpoint, version, scanned = self._checkpoint(adapter_id)
@@ -475,7 +477,12 @@ class AdapterResidency:
         prepared = self.slot_model.prepare(checkpoint, check_values=not scanned)
         probe, key = checkpoint.probe, slot_key(adapter_id, version)
         if probe is not None and self.prober is not None and key not in self._probed:
-            answer = self.prober(f"{_PROBE_PREFIX}{adapter_id}#{version}", prepared, probe)
+            try:
+                answer = self.prober(f"{_PROBE_PREFIX}{adapter_id}#{version}", prepared, probe)
+            except LoraServeError:
+                if key in self._rejected:  # its slot check failed on the probe's slot (reported there)
+                    raise SwapValidationError(f"version {version} of {adapter_id!r} did not land intact") from None
+                raise
             if not answer.strip().startswith(probe.expected.strip()):
                 self._reject(adapter_id, version, f"probe answered {answer[:80]!r}, expected {probe.expected[:80]!r}")
                 raise SwapValidationError(f"version {version} of {adapter_id!r} failed its probe")
@@ -556,14 +563,16 @@ class AdapterResidency:
         if self.swap_observer is not None:
             self.swap_observer(swap_ms)
         adapter_id, version = _split(key)
-        if adapter_id.startswith(_PROBE_PREFIX):  # a probe's temporary copy of a version
-            adapter_id = adapter_id.removeprefix(_PROBE_PREFIX).partition("#")[0]
+        if adapter_id.startswith(_PROBE_PREFIX):  # a probe's temporary copy: `probe:<adapter id>#<version>`
+            adapter_id, _, version = adapter_id.removeprefix(_PROBE_PREFIX).partition("#")
         self._note(adapter_id, last_swap_ms=swap_ms)
         if key in self._validated:
             return
         problem = self.slot_model.check_slot(slot, prepared)
         if problem is not None:
             self.slot_model.clear_slot(slot)
+            if self._derived_origin(_split(key)[0]) == "probe":
+                self.host_cache.invalidate(_split(key)[0])  # the probe's request then fails: nothing to retry
             self._reject(adapter_id, version, f"slot check failed: {problem}")
             raise SwapValidationError(f"version {version} of {adapter_id!r} did not land intact in slot {slot}")
         _remember(self._validated, key)

@@ -245,8 +245,8 @@ class Scheduler:
             if self.running >= self.kv_cache.lanes:
                 return
             if handle.cancelled:
-                self._unqueue(handle)
-                handle.finish("cancelled", 0)
+                if self._unqueue(handle):
+                    handle.finish("cancelled", 0)
                 continue
             slot, key = BASE_SLOT, None
             if handle.adapter_id is not None:
@@ -265,10 +265,13 @@ class Scheduler:
                         self._start_load(handle.adapter_id)
                     continue
                 except LoraServeError as error:
-                    self._unqueue(handle)
-                    handle.fail(error)
+                    if self._unqueue(handle):
+                        handle.fail(error)
                     continue
-            self._unqueue(handle)
+            if not self._unqueue(handle):  # failed from another thread meanwhile (`fail_waiting`)
+                if key is not None:
+                    residency.release(key)
+                continue
             sampler = RowSampler.for_request(handle.params, handle.prompt_ids, self.settings.eos_ids)
             stream = TextStream(self.tokenizer, handle.params.stop)
             self._prefilling.append(Row(handle, self.running, slot, key, sampler, stream))
@@ -284,9 +287,15 @@ class Scheduler:
         if wait_s > 0:
             time.sleep(wait_s)
 
-    def _unqueue(self, handle: RequestHandle) -> None:
+    def _unqueue(self, handle: RequestHandle) -> bool:
+        """Take `handle` off the queue; False when it is no longer there (`fail_waiting` ended it
+        from a loader thread after this step's snapshot of the queue)."""
         with self._wake:
-            self._waiting.remove(handle)
+            try:
+                self._waiting.remove(handle)
+            except ValueError:
+                return False
+            return True
 
     # ---- prefill --------------------------------------------------------------------------------
 

@@ -152,3 +152,18 @@ def test_fingerprints_tell_rounding_from_corruption(tmp_path):
     assert matches(expected, rounded, 1e-9) is not None
     scaled_twice = {**expected, name: module_fingerprint(a, 2 * b)}
     assert "slot norms" in matches(expected, scaled_twice, 2e-2)
+
+
+def test_a_corrupted_write_of_a_probes_slot_rejects_the_version_it_probes(engine_factory, tmp_path, two_versions):
+    v1, v2 = two_versions
+    store = FakeStore({"acme/a": [("v1", v1)]})
+    engine = engine_factory(resolver=store.resolve, on_rejected=store.on_rejected)
+    text_v1 = greedy(engine)
+    reference = engine_factory()
+    reference.register_adapter("acme/a", v2)
+    (v2 / PROBE_FILE).write_text(json.dumps({"prompt": PROMPT, "expected": greedy(reference)[:5]}))  # it would pass
+    store.versions["acme/a"].append(("v2", v2))
+    corrupt_next_write(engine)  # the next write is the probe's temporary slot
+    engine.residency.follow_store(store.serving(), complete=False, fetch=store.resolve)
+    assert [r[:2] for r in store.rejections] == [("acme/a", "v2")] and "slot check failed" in store.rejections[0][2]
+    assert greedy(engine) == text_v1
