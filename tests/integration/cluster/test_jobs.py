@@ -41,7 +41,9 @@ def cluster(tmp_path_factory):
     source = root / "source"
     make_peft_adapter(source / "acme" / "pirate", seed=1)
     make_peft_adapter(source / "shared" / "json", seed=2)
-    store = {"name": "export-job-store", "root": str(root / "store"), "sources": [{"uri": str(source)}]}
+    # Only the jobs' own syncs register adapters: a timed poll would race push's sync for its report.
+    store = {"name": "export-job-store", "root": str(root / "store"), "sources": [{"uri": str(source)}],
+             "sync_interval_s": 3600}
     config = root / "serve_config.yaml"
     config.write_text(yaml.safe_dump({"applications": [{"name": "t", "args": {"replica": {**REPLICA, "store": store}}}]}))
     port = free_port()
