@@ -37,7 +37,7 @@ from adapters_store.merge_spec import MergeSpec
 from adapters_store.pins import assign_pins
 from adapters_store.registry import AdapterRecord, utc_now
 from adapters_store.syncer import AdapterSyncer, SyncReport
-from lora_core.changes import AdapterChange, AdapterOnReplica, ChangeBatch
+from lora_core.changes import AdapterChange, AdapterDemand, AdapterOnReplica, ChangeBatch
 from lora_core.errors import InvalidAdapterError, ServiceUnavailableError
 from lora_core.geometry import slot_geometry
 from lora_core.payload import payload_from_checkpoint
@@ -165,7 +165,26 @@ class AdapterStore:
         with self._lock:
             self._replicas[replica_id] = ReplicaReport(dict(warm), time.monotonic(), dict(adapters or {}))
         batch = self.feed.poll(epoch, since, min(max(timeout_s, 0.0), MAX_POLL_S))
-        return dataclasses.replace(batch, pins=self._pins_for(replica_id))
+        pins = self.syncer.pins()
+        return dataclasses.replace(batch, pins=self._pins_for(replica_id, pins), pin_floor=max(pins.values(), default=0))
+
+    def adapter_demand(self, limit: int) -> AdapterDemand:
+        """The `limit` adapters live replicas served most requests of, served now and not
+        disabled, and those replicas' ids: what a new replica chooses its prewarm from."""
+        reports = self._live_reports()
+        requests: dict[str, int] = {}
+        for report in reports.values():
+            for adapter_id, on_replica in report.adapters.items():
+                requests[adapter_id] = requests.get(adapter_id, 0) + on_replica.requests
+        disabled = self.syncer.disabled_adapters()
+        servable = {r.adapter_id for r in self.syncer.records() if r.served is not None and r.adapter_id not in disabled}
+        ranked = sorted((a for a, n in requests.items() if n > 0 and a in servable), key=lambda a: (-requests[a], a))
+        return AdapterDemand({a: requests[a] for a in ranked[:max(0, limit)]}, tuple(sorted(reports)))
+
+    def leave(self, replica_id: str) -> None:
+        """A replica is stopping (scale-in, a deploy): its pins go to the others at their next poll."""
+        with self._lock:
+            self._replicas.pop(replica_id, None)
 
     def pin(self, adapter_id: str, replicas: int) -> dict:
         return self._describe(self.syncer.pin(adapter_id, replicas))
@@ -173,11 +192,11 @@ class AdapterStore:
     def unpin(self, adapter_id: str) -> dict:
         return self._describe(self.syncer.pin(adapter_id, 0))
 
-    def _pins_for(self, replica_id: str) -> frozenset[str]:
+    def _pins_for(self, replica_id: str, pins: dict[str, int]) -> frozenset[str]:
         now = time.monotonic()
         with self._lock:
             live = [rid for rid, report in self._replicas.items() if now - report.seen_s < PIN_LIVENESS_S]
-        return assign_pins(self.syncer.pins(), [*live, replica_id]).get(replica_id, frozenset())
+        return assign_pins(pins, [*live, replica_id]).get(replica_id, frozenset())
 
     def report_rejected(self, adapter_id: str, version: str, reason: str, replica_id: str) -> None:
         """A replica found `version` bad after it landed: rejected, the previous good one serves."""

@@ -294,8 +294,12 @@ class AdapterSyncer:
             return record
 
     def pins(self) -> dict[str, int]:
-        """adapter id -> replicas it is pinned on, for every pinned adapter served now."""
-        return {r.adapter_id: r.pin_replicas for r in self.registry.list() if r.pin_replicas and r.served is not None}
+        """adapter id -> replicas it is pinned on, for every pinned adapter served now: the
+        larger of its admin pin and the config's `pins`."""
+        configured = self.config.pins
+        pins = {r.adapter_id: max(r.pin_replicas or 0, configured.get(r.adapter_id, 0))
+                for r in self.registry.list() if r.served is not None}
+        return {adapter_id: replicas for adapter_id, replicas in pins.items() if replicas}
 
     def disable(self, adapter_id: str, fallback: Fallback = "none") -> tuple[AdapterRecord, list[AdapterChange]]:
         """Stop serving an adapter but keep it registered; replicas drop it from their slots."""

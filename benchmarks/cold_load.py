@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"store up ({time.perf_counter() - t0:.1f} s)")
 
             serve.start(proxy_location="Disabled")
-            user_config = {**engine_config.model_dump(mode="json"), "store": store_config.model_dump(mode="json")}
+            settings = {**engine_config.model_dump(mode="json"), "store": store_config.model_dump(mode="json")}
             t0 = time.perf_counter()
             replica = serve.run(
-                LoraReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 1}, user_config=user_config).bind(),
+                LoraReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 1}).bind(settings),
                 name="cold-load", route_prefix=None,
             )
             log(f"replica up ({time.perf_counter() - t0:.1f} s)")

@@ -111,13 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"store up and serving {ADAPTER_ID} ({time.perf_counter() - t0:.1f} s)")
 
             serve.start(proxy_location="Disabled")
-            user_config = {**engine_config.model_dump(mode="json"), "store": store_config.model_dump(mode="json")}
+            settings = {**engine_config.model_dump(mode="json"), "store": store_config.model_dump(mode="json")}
             t0 = time.perf_counter()
             handle = serve.run(
                 LoraReplica.options(
-                    num_replicas=args.replicas, ray_actor_options={"num_cpus": 1}, user_config=user_config,
-                    max_ongoing_requests=32,
-                ).bind(),
+                    num_replicas=args.replicas, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32,
+                ).bind(settings),
                 name="propagation", route_prefix=None,
             )
             log(f"{args.replicas} replicas up ({time.perf_counter() - t0:.1f} s)")

@@ -32,8 +32,8 @@ Phases (fresh replicas and app name each; the same replica options, both from `b
                     PowerOfTwoChoicesRequestRouter) and `RayMultiplexedReplica`: the LoraReplica
                     class as a Ray Serve multiplexing user would extend it. `generate` first awaits
                     a `serve.multiplexed(max_num_models_per_replica=num_slots)` loader for
-                    `serve.get_multiplexed_model_id()` (wired at reconfigure, as Ray Serve LLM's
-                    LLMServer does, because the slot count comes from the user_config). The loader
+                    `serve.get_multiplexed_model_id()` (wired once the engine is built, which knows
+                    the slot count). The loader
                     only records the id; the engine fills the slot when the request's batch forms,
                     as in the affinity phase. So Ray's per-replica LRU of num_slots ids follows the
                     same requests as the engine's slot LRU, at no cost: the strongest baseline.
@@ -111,18 +111,13 @@ class RayMultiplexedReplica(LoraReplica.func_or_class):
     which adapters each replica holds (see the module docstring). Only the bookkeeping differs;
     engine, slots and requests are LoraReplica's."""
 
-    def __init__(self, loader: str = "noop") -> None:
-        super().__init__()
+    def __init__(self, settings: dict, loader: str = "noop") -> None:
         if loader not in ("noop", "warm"):
             raise ValueError(f"loader must be 'noop' or 'warm', got {loader!r}")
+        super().__init__(settings)
         self._loader = loader
-        self._multiplexed_load = None
-
-    def reconfigure(self, user_config: dict) -> None:
-        super().reconfigure(user_config)
-        if self._multiplexed_load is None:  # the slot count is only known from the user_config
-            slots = self._require_engine().config.num_slots
-            self._multiplexed_load = serve.multiplexed(max_num_models_per_replica=slots)(self._make_loader())
+        slots = self._require_engine().config.num_slots
+        self._multiplexed_load = serve.multiplexed(max_num_models_per_replica=slots)(self._make_loader())
 
     def _make_loader(self):
         warm = self._loader == "warm"
@@ -253,12 +248,13 @@ def phase_app(app_args: dict, phase: str):
     router = app._bound_deployment  # Ray keeps the bound deployment here (no public accessor)
     replicas_app = router.init_args[0] if router.init_args else None
     if not hasattr(replicas_app, "_bound_deployment") or replicas_app._bound_deployment.name != REPLICA_DEPLOYMENT:
-        raise RuntimeError("build_app's shape changed: expected Router.bind(LoraReplica.bind(), settings)")
+        raise RuntimeError("build_app's shape changed: expected Router.bind(LoraReplica.bind(settings), settings)")
     replicas = replicas_app._bound_deployment.options(
         func_or_class=RayMultiplexedReplica, request_router_config=RequestRouterConfig()
     )
     loader = "warm" if phase == "ray_default_warm" else "noop"
-    return router.bind(replicas.bind(loader), *router.init_args[1:], **router.init_kwargs)
+    return router.bind(replicas.bind(*replicas_app._bound_deployment.init_args, loader), *router.init_args[1:],
+                       **router.init_kwargs)
 
 
 def app_name(phase: str) -> str:

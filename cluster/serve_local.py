@@ -3,15 +3,15 @@
     python -m cluster.serve_local [--config serve_config.yaml] [--ray-temp-dir DIR] [--dashboard-port 8265]
 
 Starts Ray in this process (its dashboard on 127.0.0.1:8265, so `ray job submit --address
-http://127.0.0.1:8265` runs jobs on it; worker logs not echoed here), starts Serve's HTTP proxy
-with the config's `http_options`, builds each application with its `import_path` builder and
-`args` (the same `build_app(args)` that `serve run` / `serve deploy` call), prints the URL and a
-curl line, and blocks. Ctrl-C or SIGTERM shuts Serve down and then Ray, so no raylet or GCS
-process outlives it.
+http://127.0.0.1:8265` runs jobs on it and `serve deploy serve_config.yaml` updates it; worker
+logs not echoed here), starts Serve's HTTP proxy with the config's `http_options`, hands the
+config to Serve's controller exactly as `serve deploy` does (each application built by its
+`import_path` builder from its `args`, `deployments:` overrides applied), waits until it runs,
+prints the URL and a curl line, and blocks. Ctrl-C or SIGTERM shuts Serve down and then Ray, so
+no raylet or GCS process outlives it.
 
 The YAML is read with Ray's own `ServeDeploySchema`, so a file that works here also works with
-`serve deploy`. Per-deployment overrides (`deployments:`) are applied by `serve run` /
-`serve deploy` only; this launcher warns and ignores them.
+`serve deploy`.
 
 Ray's session folder defaults to Ray's own (/tmp/ray): a folder under a deep checkout path can
 push Ray's unix socket paths past the 107-byte limit.
@@ -20,7 +20,6 @@ push Ray's unix socket paths past the 107-byte limit.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -55,9 +54,22 @@ def load_config(path: Path):
     return ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
 
 
-def _builder(import_path: str):
-    module_name, _, attribute = import_path.replace(":", ".").rpartition(".")
-    return getattr(importlib.import_module(module_name), attribute)
+def _deploy(config) -> None:
+    """What `serve deploy` does: the controller builds and runs every application (the demo's
+    first build trains its adapters, about 2 minutes); SystemExit with Serve's message if one fails."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    _get_global_client().deploy_apps(config)
+    names = {application.name for application in config.applications}
+    while True:
+        statuses = {name: serve.status().applications.get(name) for name in names}
+        failed = {name: s.message for name, s in statuses.items() if s is not None and s.status == "DEPLOY_FAILED"}
+        if failed:
+            raise SystemExit("deploy failed: " + "; ".join(f"{name}: {message}" for name, message in failed.items()))
+        if all(s is not None and s.status == "RUNNING" for s in statuses.values()):
+            return
+        time.sleep(1)
 
 
 def _process_defaults() -> None:
@@ -128,11 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         http = config.http_options
         serve.start(http_options={"host": http.host, "port": http.port})
         base_url = f"http://{http.host}:{http.port}"
+        _deploy(config)
         for application in config.applications:
-            if application.deployments:
-                logger.warning("%s: `deployments:` overrides are ignored here; `serve run` applies them", application.name)
-            built = _builder(application.import_path)(application.args or {})
-            serve.run(built, name=application.name, route_prefix=application.route_prefix)
             prefix = (application.route_prefix or "").rstrip("/")
             model, api_key = _example(application.args or {})
             print(f"\n{application.name} is ready in {time.perf_counter() - started:.0f} s at {base_url}{prefix}/v1", flush=True)

@@ -5,6 +5,8 @@
     contracts           the frozen types that cross Ray: SamplingParams, GenerationRequest,
                         GenerationChunk, RoutingStats
     replica             LoraReplica: the Serve deployment around one engine
+    deploy_config       what each deployment is built with (args) and what `serve deploy`
+                        changes in place (user_config)
     store_subscription  the replica's side of the adapter store (resolver + change feed)
     router              the HTTP ingress: OpenAI-compatible API, tenants, admin API
     schemas/            the HTTP bodies: OpenAI requests and responses, streaming, admin

@@ -1,18 +1,25 @@
 """`build_app(args)`: the application `serve run` / `serve deploy` import (`deployments.app:build_app`).
 
-Wires the HTTP ingress (`Router`) to the `LoraReplica` deployment. The replicas' `user_config` is
-`args.replica` (engine settings + adapters): Ray Serve hands it to `LoraReplica.reconfigure`.
+Wires the HTTP ingress (`Router`) to the `LoraReplica` deployment. Each is built with its part of
+`args` (init arguments) and an empty `user_config`; a `serve deploy` changes them two ways
+(`deployments.deploy_config`):
 
-Note for `serve deploy`: a change to the application's `args` is a new code version, so Serve
-restarts every replica. To change adapters in place (reconfigure, no restart), override the
-replicas' user_config in the deploy config instead; it replaces `args.replica` as a whole:
+  - under `args`: a new code version. Serve replaces every replica, a few at a time (its rolling
+    update): the base model, max_rank, num_slots, dtype, resources.
+  - a deployment's `user_config` (serve_config.yaml `deployments:`): applied in place by its
+    `reconfigure()`, no restart. Router: tenants and keys. LoraReplica: adapters from folders,
+    generation limits, routing weights, the store's settings (sources, interval, pins). A field
+    left out keeps what `args` say. Serve's own lightweight options (num_replicas,
+    autoscaling_config, max_ongoing_requests, max_queued_requests) apply in place too.
 
     applications:
       - import_path: deployments.app:build_app
         args: {...}
         deployments:
+          - name: Router
+            user_config: {tenants: {tenants: {acme: {key_sha256: [...]}}, admin_key_sha256: [...]}}
           - name: LoraReplica
-            user_config: {base_model: ..., adapters: {acme/pirate: /path/to/adapter}}
+            user_config: {max_new_tokens: 128, store: {sync_interval_s: 30, sources: [...]}}
 """
 
 from __future__ import annotations
@@ -20,20 +27,59 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
-from deployments.replica import LoraReplica, ReplicaSettings
+from deployments.autoscaling_policy import POLICY_PATH
+from deployments.deploy_config import ReplicaSettings
+from deployments.replica import LoraReplica
 from deployments.request_router import affinity_request_router_config
 from deployments.router import Router
+from deployments.scaling import ScalingSettings
 from deployments.tenants import TenantsConfig
-from lora_core.paths import default_demo_adapters_dir
+from lora_core.paths import REPO_ROOT, default_demo_adapters_dir
 from lora_core.settings import SourceInput, StoreConfig
 
-__all__ = ["AppArgs", "build_app"]
+__all__ = ["AppArgs", "AutoscalingArgs", "build_app"]
 
 ROUTER_MAX_ONGOING_REQUESTS = 1000  # the ingress only awaits replicas; it is never the bottleneck
+
+
+class AutoscalingArgs(BaseModel):
+    """`args.autoscaling`: Serve's `autoscaling_config` for LoraReplica, with the adapter-aware
+    policy (`deployments.autoscaling_policy`) unless `policy: queue_length` (Serve's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int = Field(4, ge=1, le=1024)
+    initial_replicas: int | None = Field(None, ge=1, le=1024)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="requests running or queued per replica to aim for; default max_num_seqs")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(10.0, gt=0, description="the window Serve averages the replicas' metrics over")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report them")
+    policy: Literal["adapter_aware", "queue_length"] = "adapter_aware"
+    policy_settings: ScalingSettings = Field(default_factory=ScalingSettings)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingArgs":
+        initial = self.initial_replicas if self.initial_replicas is not None else self.min_replicas
+        if not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(f"need min_replicas <= initial_replicas <= max_replicas, got {self.min_replicas}, "
+                             f"{initial}, {self.max_replicas}")
+        return self
+
+    def serve_config(self, max_num_seqs: int) -> dict:
+        """Serve's `autoscaling_config` dict."""
+        config = self.model_dump(exclude={"policy", "policy_settings", "target_ongoing_requests"}, exclude_none=True)
+        config["target_ongoing_requests"] = self.target_ongoing_requests or float(max_num_seqs)
+        if self.policy == "adapter_aware":
+            config["policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": self.policy_settings.model_dump()}
+        return config
 
 
 class AppArgs(BaseModel):
@@ -41,7 +87,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int = Field(2, ge=1, le=1024, description="LoraReplica replicas")
+    num_replicas: int = Field(2, ge=1, le=1024, description="LoraReplica replicas (without `autoscaling`)")
+    autoscaling: AutoscalingArgs | None = Field(None, description="scale LoraReplica with the load instead")
     replica_num_cpus: float = Field(1.0, ge=0, description="CPUs per replica; also its torch thread count")
     replica_num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (1 on a GPU node)")
     max_ongoing_requests: int | None = Field(
@@ -63,7 +110,14 @@ class AppArgs(BaseModel):
     demo_adapters: bool = Field(
         False, description="train (once, cached) the demo adapters and serve them through the store (make serve)"
     )
-    replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="the replicas' user_config")
+    replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="the replicas' settings; "
+                                     "LoraReplica's user_config changes some in place (deploy_config)")
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "AppArgs":
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("set num_replicas or autoscaling, not both (autoscaling has min/max/initial_replicas)")
+        return self
 
     def with_demo_adapters(self) -> "AppArgs":
         """The demo adapters trained or found in their cache, their folder added to the store's sources.
@@ -75,7 +129,7 @@ class AppArgs(BaseModel):
         folder = default_demo_adapters_dir()
         command = [sys.executable, "-m", "cluster.demo_adapters", "--out", str(folder),
                    "--base-model", self.replica.base_model, "--no-compare"]
-        subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdin=subprocess.DEVNULL, cwd=REPO_ROOT)
         store = self.replica.store or StoreConfig()
         demo = SourceInput(uri=str(folder))
         if demo not in store.sources:
@@ -94,22 +148,25 @@ def build_app(args: dict | None = None) -> Application:
     settings = AppArgs.model_validate(args or {})
     if settings.demo_adapters:
         settings = settings.with_demo_adapters()
+    scaling = ({"autoscaling_config": settings.autoscaling.serve_config(settings.replica.max_num_seqs)}
+               if settings.autoscaling is not None else {"num_replicas": settings.num_replicas})
     replicas = LoraReplica.options(
-        num_replicas=settings.num_replicas,
+        **scaling,
         max_ongoing_requests=settings.max_ongoing_requests or 2 * settings.replica.max_num_seqs,
         ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
         max_queued_requests=settings.max_queued_requests,
-        user_config=settings.replica.model_dump(mode="json"),
+        user_config={},  # so a deploy that drops its override hands reconfigure {}: back to args
         request_router_config=affinity_request_router_config(settings.routing_stats_period_s),
     )
     router = Router.options(
         num_replicas=1,
         max_ongoing_requests=ROUTER_MAX_ONGOING_REQUESTS,
         ray_actor_options={"num_cpus": 0},
+        user_config={},
     )
     router_settings = {
         "base_model_name": settings.base_model_name(),
         "tenants": settings.tenants.model_dump(mode="json"),
         "store": settings.replica.store.model_dump(mode="json") if settings.replica.store else None,
     }
-    return router.bind(replicas.bind(), router_settings)
+    return router.bind(replicas.bind(settings.replica.model_dump(mode="json")), router_settings)

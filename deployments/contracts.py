@@ -205,8 +205,14 @@ class RoutingStats:
     num_slots: int = 0
     pinned: tuple[str, ...] = ()
     """Adapters pinned in a slot here (an admin's pin): never evicted, so requests belong here."""
+    routing_weights: tuple[tuple[str, float], ...] = ()
+    """The replicas' `routing_weights` setting, sorted (name, value) pairs: how a `serve deploy`
+    reaches the request routers, which live in the callers' processes."""
 
     def __post_init__(self) -> None:
+        if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                   and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) for p in self.routing_weights):
+            raise TypeError(f"routing stats 'routing_weights' must be (name, number) pairs, got {self.routing_weights!r}")
         for name in ("warm", "pinned"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(isinstance(a, str) for a in value):
@@ -219,7 +225,8 @@ class RoutingStats:
             raise TypeError(f"routing stats 'next_victim' must be an adapter id or None, got {self.next_victim!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "warm": list(self.warm), "pinned": list(self.pinned)}
+        return {**asdict(self), "warm": list(self.warm), "pinned": list(self.pinned),
+                "routing_weights": dict(self.routing_weights)}
 
     @classmethod
     def from_dict(cls, report: Mapping[str, Any]) -> "RoutingStats":
@@ -237,4 +244,7 @@ class RoutingStats:
             if not isinstance(value, (list, tuple)):
                 raise TypeError(f"routing stats {name!r} must be a list of adapter ids, got {value!r}")
             lists[name] = tuple(value)
-        return cls(**{**report, **lists})
+        weights = report.get("routing_weights", {})
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"routing stats 'routing_weights' must be a mapping, got {weights!r}")
+        return cls(**{**report, **lists, "routing_weights": tuple(sorted(weights.items()))})

@@ -1,15 +1,15 @@
 """LoraReplica: the Ray Serve deployment that holds one Engine (base model + LoRA slots).
 
 Thin on purpose: batching, slots, swaps and limits live in `deployments.engine`; this class turns
-the deployment's `user_config` into an engine and hands it the ingress's `GenerationRequest`s.
+its settings into an engine and hands it the ingress's `GenerationRequest`s.
 
-Lifecycle. Ray Serve calls `reconfigure(user_config)` right after `__init__` and again on every
-`serve deploy` that changes only the user_config (the replica process stays up):
-  - engine settings changed (or first call): build a new engine, register every adapter on it,
-    then swap it in and close the old one. Requests already running on the old engine finish;
-    ones still queued there get EngineClosedError (503) and can be retried.
-  - only `adapters` changed: register the new or moved ones and delete the dropped ones on the
-    running engine; no rebuild, no recompile, warm slots of the other adapters stay warm.
+Lifecycle (`deployments.deploy_config`). The engine is built once, in `__init__`, from the
+application's `args.replica` (its init argument). Serve calls `reconfigure(user_config)` right
+after and again on every `serve deploy` that changes only the user_config (the process stays up):
+adapters from folders are registered or deleted, generation limits and routing weights change,
+the store's settings are applied to the running actor, all on the running engine: no rebuild,
+no recompile, warm slots stay warm. What needs a new engine changes under `args`, where Serve
+replaces the replica (its rolling update).
 
 Threads. Ray sets OMP_NUM_THREADS to the replica's `num_cpus` (1 when unset) in its workers, so
 torch starts with that many intra-op threads. We set it explicitly and deliberately to the same
@@ -21,45 +21,38 @@ replicas with 2 threads each made a 1.7 ms forward take 272 ms).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
 import time
 from typing import AsyncIterator
 
-from pydantic import Field
+import ray
 from ray import serve
 
 from adapters_store.store import get_or_create_store
 from deployments.contracts import GenerationChunk, GenerationRequest
+from deployments.deploy_config import ReplicaSettings, ReplicaUserConfig
 from deployments.engine import Engine
 from deployments.metrics import ReplicaMetrics
+from deployments.routing_policy import RoutingWeights, prewarm_order
+from deployments.scaling import ReplicaLoad
 from deployments.store_subscription import StoreSubscription
-from lora_core.errors import EngineClosedError
-from lora_core.settings import EngineConfig, StoreConfig
+from lora_core.checkpoint import LoraCheckpoint
+from lora_core.errors import EngineClosedError, LoraServeError, SourceUnavailableError
+from lora_core.settings import StoreConfig
 
-__all__ = ["LoraReplica", "ReplicaSettings", "cpu_allotment"]
+__all__ = ["LoraReplica", "cpu_allotment"]
 
 logger = logging.getLogger(__name__)
 
-
-class ReplicaSettings(EngineConfig):
-    """The replica's `user_config`: the engine's settings, the adapter store to serve from, and
-    adapters to serve from local folders without a store."""
-
-    adapters: dict[str, str] = Field(
-        default_factory=dict, description="adapter id -> local PEFT adapter folder, registered at (re)configure"
-    )
-    store: StoreConfig | None = Field(None, description="the adapter store actor; cold adapters load from it")
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(**self.model_dump(exclude={"adapters", "store"}))
+PREWARM_CANDIDATES = 256
+"""The most requested adapters a starting replica chooses its prewarm from."""
 
 
 def cpu_allotment() -> int:
     """floor(the CPUs Ray assigned this replica), at least 1; 1 outside Ray."""
-    import ray
-
     if not ray.is_initialized():
         return 1
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") or 1
@@ -70,65 +63,99 @@ def cpu_allotment() -> int:
 class LoraReplica:
     """One engine per replica; sizes and resources come from `build_app`, never from this decorator."""
 
-    def __init__(self) -> None:
-        self._engine: Engine | None = None
-        self._engine_config: EngineConfig | None = None  # as configured, before threads are filled in
-        self._adapters: dict[str, str] = {}  # what is registered on the current engine
+    def __init__(self, settings: dict) -> None:
+        self._args = ReplicaSettings.model_validate(settings)
+        self.settings = self._args
+        self._adapters: dict[str, str] = {}  # what is registered on the engine
         self._reconfigure_lock = threading.Lock()  # Serve may run reconfigure beside requests
         self._subscription: StoreSubscription | None = None
         self._store_config: StoreConfig | None = None
         self._metrics = ReplicaMetrics()
-        self.engine_builds = 0
+        self._engine: Engine | None = None  # the subscription's thread may look before it is built
+        self._subscribe(self._args.store)
+        engine_config = self._args.engine_config()
+        threads = engine_config.torch_threads or cpu_allotment()
+        engine = Engine(
+            engine_config.model_copy(update={"torch_threads": threads}),
+            resolver=self._resolve if self._args.store is not None else None,
+            on_rejected=self._report_rejected,
+        )
+        engine.residency.swap_observer = self._metrics.observe_swap
+        try:
+            self._sync_adapters(engine, self._args.adapters)
+        except BaseException:
+            engine.close()
+            self._unsubscribe()
+            raise
+        self._engine = engine
+        self.engine_builds = 1
+        logger.info("engine ready: %s, %d slots, %d torch threads, adapters %s",
+                    engine_config.base_model, engine_config.num_slots, threads, sorted(self._adapters))
+        self.prewarmed = self._prewarm(min(self._args.prewarm_adapters, engine_config.num_slots))
+        self._misses_when_ready = engine.residency.pool_snapshot().misses  # the prewarm's loads are misses too
+        self._miss_counts = (0, 0)  # slot (hits, misses) at the last autoscaling report
 
     # ---- configuration (Serve calls this in a worker thread; it may block) ----------------------
 
-    def reconfigure(self, user_config: dict) -> None:
-        settings = ReplicaSettings.model_validate(user_config)
-        engine_config = settings.engine_config()
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Apply a `serve deploy`'s user_config to the running engine (`deploy_config`). A bad one
+        raises before anything changes, except adapters: each registration validates first, so a
+        refused folder leaves the others as they were."""
+        settings = ReplicaUserConfig.model_validate(user_config or {}).applied_to(self._args)
+        engine = self._require_engine()
         with self._reconfigure_lock:
-            store_changed = settings.store != self._store_config
-            if store_changed:
-                self._subscribe(settings.store, engine_config)
-            if self._engine is None or engine_config != self._engine_config or store_changed:
-                self._rebuild(engine_config, settings.adapters)
-            else:
-                self._sync_adapters(self._engine, settings.adapters)
+            if settings.store != self._store_config:
+                self._subscribe(settings.store)
+            engine.apply_live_settings(settings.engine_config())
+            self._sync_adapters(engine, settings.adapters)
+            self.settings = settings
 
-    def _subscribe(self, store_config: StoreConfig | None, engine_config: EngineConfig) -> None:
-        if self._subscription is not None:
-            self._subscription.stop()
-            self._subscription = None
+    def _subscribe(self, store_config: StoreConfig | None) -> None:
+        """Follow the store `store_config` names (its settings applied to the running actor)."""
+        store = get_or_create_store(store_config, self._args.engine_config()) if store_config is not None else None
+        self._unsubscribe()
         self._store_config = store_config
-        if store_config is not None:
-            store = get_or_create_store(store_config, engine_config)
+        if store is not None:
             replica_id = serve.get_replica_context().replica_id.unique_id
             self._subscription = StoreSubscription(store, replica_id, lambda: self._engine)
             self._subscription.start()
 
-    def _rebuild(self, engine_config: EngineConfig, adapters: dict[str, str]) -> None:
-        threads = engine_config.torch_threads or cpu_allotment()
+    def _unsubscribe(self) -> None:
+        if self._subscription is not None:
+            self._subscription.stop()
+            self._subscription = None
+
+    def _prewarm(self, limit: int) -> list[str]:
+        """Load what the routers will send here before Serve sends this replica traffic: the
+        requested adapters whose home it becomes, then the most requested (`prewarm_order`), so
+        a replica that autoscaling adds takes its share without a cold miss each."""
+        subscription, engine = self._subscription, self._engine
+        if subscription is None or engine is None or limit == 0:
+            return []
+        demand = subscription.adapter_demand(PREWARM_CANDIDATES)
+        weights = RoutingWeights(**self._args.routing_weights)
+        warmed = []
+        for adapter_id in prewarm_order(demand.requests, demand.replica_ids, subscription.replica_id, limit, weights):
+            try:
+                engine.warm(adapter_id)
+                warmed.append(adapter_id)
+            except LoraServeError as error:  # gone or disabled meanwhile: requests will say so
+                logger.warning("could not prewarm %s: %s", adapter_id, error)
+        if warmed:
+            logger.info("prewarmed %s", warmed)
+        return warmed
+
+    def _resolve(self, adapter_id: str) -> tuple[LoraCheckpoint, str]:
+        """The engine's resolver, through whichever subscription is current (a deploy may replace it)."""
         subscription = self._subscription
-        engine = Engine(
-            engine_config.model_copy(update={"torch_threads": threads}),
-            resolver=subscription.resolve if subscription is not None else None,
-            on_rejected=subscription.report_rejected if subscription is not None else None,
-        )
-        engine.residency.swap_observer = self._metrics.observe_swap
-        try:
-            for adapter_id, folder in adapters.items():
-                engine.register_adapter(adapter_id, folder)
-        except BaseException:
-            engine.close()
-            raise
-        old, self._engine = self._engine, engine
-        self._engine_config, self._adapters = engine_config, dict(adapters)
-        self.engine_builds += 1
-        logger.info(
-            "engine %d ready: %s, %d slots, %d torch threads, adapters %s",
-            self.engine_builds, engine_config.base_model, engine_config.num_slots, threads, sorted(adapters),
-        )
-        if old is not None:
-            old.close()
+        if subscription is None:
+            raise SourceUnavailableError("this replica is not connected to the adapter store")
+        return subscription.resolve(adapter_id)
+
+    def _report_rejected(self, adapter_id: str, version: str, reason: str) -> None:
+        subscription = self._subscription
+        if subscription is not None:
+            subscription.report_rejected(adapter_id, version, reason)
 
     def _sync_adapters(self, engine: Engine, wanted: dict[str, str]) -> None:
         """Register new or moved adapters first, then delete dropped ones. Each registration
@@ -176,9 +203,15 @@ class LoraReplica:
         engine = self._require_engine()
         return {
             "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "replica_actor_id": ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None,
             "engine_builds": self.engine_builds,
             "torch_threads": torch.get_num_threads(),
             "adapters": sorted(self._adapters),
+            "num_slots": engine.config.num_slots,
+            "max_new_tokens": engine.config.max_new_tokens,
+            "routing_weights": self.settings.routing_weights,
+            "prewarmed": self.prewarmed,
+            "cold_misses": engine.residency.pool_snapshot().misses - self._misses_when_ready,
             **engine.stats(),
         }
 
@@ -202,7 +235,27 @@ class LoraReplica:
             return {}
         stats = engine.routing_stats()
         self._metrics.update(engine.residency.pool_snapshot().to_dict(), engine.scheduler.running, stats.queue_len)
-        return stats.to_dict()
+        weights = tuple(sorted(self.settings.routing_weights.items()))
+        return dataclasses.replace(stats, routing_weights=weights).to_dict()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler asks every `metrics_interval_s`: this replica's `scaling.ReplicaLoad`,
+        averaged by Serve over its look-back window for `autoscaling_policy.AdapterAwarePolicy`."""
+        engine = self._engine
+        if engine is None:
+            return {}
+        snapshot = engine.residency.pool_snapshot()
+        hits, misses = snapshot.hits - self._miss_counts[0], snapshot.misses - self._miss_counts[1]
+        self._miss_counts = (snapshot.hits, snapshot.misses)
+        subscription = self._subscription
+        load = ReplicaLoad(
+            ongoing_requests=float(engine.scheduler.queue_len),
+            kv_fraction=engine.scheduler.running / max(1, engine.kv_cache.lanes),
+            slot_fraction=1 - snapshot.free_slots / max(1, snapshot.num_slots),
+            cold_miss_ratio=misses / (hits + misses) if hits + misses else 0.0,
+            pin_floor=float(subscription.pin_floor if subscription is not None else 0),
+        )
+        return dataclasses.asdict(load)
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising makes it replace the replica (a dead engine loop)."""
@@ -213,7 +266,7 @@ class LoraReplica:
     def __del__(self) -> None:  # Serve calls this on graceful shutdown
         subscription = getattr(self, "_subscription", None)
         if subscription is not None:
-            subscription.stop()
+            subscription.leave()
         engine, self._engine = getattr(self, "_engine", None), None
         if engine is not None:
             engine.close()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import takewhile
 from typing import Any
 
@@ -36,7 +36,13 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from deployments.contracts import RoutingStats
-from deployments.routing_policy import AdapterLoadTracker, ReplicaView, RoutingWeights, rank_replicas
+from deployments.routing_policy import (
+    AdapterLoadTracker,
+    ReplicaView,
+    RoutingWeights,
+    check_weight_overrides,
+    rank_replicas,
+)
 
 __all__ = [
     "ROUTER_CLASS_PATH",
@@ -81,11 +87,7 @@ class AffinityRouterSettings(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights_are_routing_weights(cls, weights: dict[str, float | int]) -> dict[str, float | int]:
-        known = {f.name for f in dataclasses.fields(RoutingWeights)}
-        unknown = sorted(set(weights) - known)
-        if unknown:
-            raise ValueError(f"unknown routing weights {unknown}; known: {sorted(known)}")
-        RoutingWeights(**weights)
+        check_weight_overrides(weights)
         return weights
 
     def routing_weights(self) -> RoutingWeights:
@@ -198,6 +200,7 @@ class AdapterAffinityRouter(RequestRouter):
             if report != self._reports.get(replica.replica_id):
                 self._forget_reported(replica.replica_id, report, now)
         self._reports = reports
+        self._follow_reported_weights(reports.values())
         self._routed = {replica_id: sent for replica_id, sent in self._routed.items() if replica_id in reports}
         self._in_flight = {replica_id: sent for replica_id, sent in self._in_flight.items() if replica_id in reports}
         self._bad_reports_logged.intersection_update(reports)
@@ -209,6 +212,16 @@ class AdapterAffinityRouter(RequestRouter):
         self._routed.pop(replica_id, None)
         self._reports.pop(replica_id, None)
         self._in_flight.pop(replica_id, None)
+
+    def _follow_reported_weights(self, reports: Iterable[RoutingStats | None]) -> None:
+        """Use the replicas' `routing_weights` (over this router's own) once every reporting
+        replica says the same: during a `serve deploy` some report the old ones for a moment."""
+        reported = {report.routing_weights for report in reports if report is not None}
+        if len(reported) == 1:
+            weights = RoutingWeights(**{**self._settings.weights, **dict(reported.pop())})
+            if weights != self._weights:
+                logger.info("routing weights now %s", weights)
+                self._weights = weights
 
     # ---- translation ----------------------------------------------------------------------
 

@@ -48,7 +48,6 @@ from typing import AsyncIterator, Callable, Literal
 
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -56,6 +55,7 @@ from adapters_store.client import StoreLookup
 from adapters_store.merge_spec import MergeSpec
 from deployments import http_errors
 from deployments.contracts import Combination, GenerationChunk, GenerationRequest
+from deployments.deploy_config import RouterSettings, RouterUserConfig
 from deployments.metrics import IngressMetrics, adapter_label
 from deployments.ray_errors import typed_ray_errors
 from deployments.schemas.admin import DisableRequest, PinRequest, RegisterAdapterRequest, RegisterSourceRequest
@@ -78,9 +78,8 @@ from lora_core.errors import (
     LoraServeError,
     ServiceUnavailableError,
 )
-from lora_core.settings import StoreConfig
 
-__all__ = ["Router", "RouterSettings", "app", "current_caller"]
+__all__ = ["Router", "app", "current_caller"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +156,6 @@ async def _server_sent_events(
 # ---- the deployment --------------------------------------------------------------------------
 
 
-class RouterSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    base_model_name: str = Field(min_length=1, description="the `model` value that means no adapter")
-    tenants: TenantsConfig = Field(default_factory=lambda: TenantsConfig(auth="none"))
-    store: StoreConfig | None = Field(None, description="the adapter store the admin API and /v1/models use")
-
-
 @serve.deployment(name="Router")
 @serve.ingress(app)
 class Router:
@@ -172,17 +163,30 @@ class Router:
     adapter affinity through `multiplexed_model_id`), formats OpenAI responses."""
 
     def __init__(self, replicas: DeploymentHandle, settings: dict) -> None:
-        self.settings = RouterSettings.model_validate(settings)
-        keyring = KeyRing(self.settings.tenants)
-        _install_keyring(keyring)
-        if uses_demo_keys(keyring):
-            logger.warning("DEMO API KEYS ARE IN USE (sk-acme-demo, sk-globex-demo, sk-admin-demo): anyone can "
-                           "call this server; set real keys in serve_config.yaml `tenants` or keys_env")
+        self._args = RouterSettings.model_validate(settings)
+        self.settings = self._args
+        self._use_tenants(self._args.tenants)
         self.replicas = replicas
         self.store = StoreLookup(self.settings.store) if self.settings.store is not None else None
         self.metrics = IngressMetrics()
         self._disabled: dict[str, str] = {}  # adapter id -> fallback, as the store last said
         self._disabled_at_s = -math.inf
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """A `serve deploy` changed the Router's user_config (`deploy_config.RouterUserConfig`):
+        new tenants and keys take effect for the next request; a bad one raises and changes nothing."""
+        settings = RouterUserConfig.model_validate(user_config or {}).applied_to(self._args)
+        if settings.tenants != self.settings.tenants:
+            self._use_tenants(settings.tenants)
+            logger.info("tenants now %s", sorted(settings.tenants.tenants))
+        self.settings = settings
+
+    def _use_tenants(self, tenants: TenantsConfig) -> None:
+        keyring = KeyRing(tenants)  # refuses a bad config before the current key ring is replaced
+        _install_keyring(keyring)
+        if uses_demo_keys(keyring):
+            logger.warning("DEMO API KEYS ARE IN USE (sk-acme-demo, sk-globex-demo, sk-admin-demo): anyone can "
+                           "call this server; set real keys in serve_config.yaml `tenants` or keys_env")
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, caller: Caller = Depends(current_caller)):

@@ -7,6 +7,7 @@ ids back into Ray's ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -18,6 +19,8 @@ __all__ = [
     "AdapterLoadTracker",
     "ReplicaView",
     "RoutingWeights",
+    "check_weight_overrides",
+    "prewarm_order",
     "rank_replicas",
     "rendezvous_order",
 ]
@@ -117,6 +120,14 @@ class RoutingWeights:
 DEFAULT_WEIGHTS = RoutingWeights()
 
 
+def check_weight_overrides(weights: Mapping[str, float | int]) -> None:
+    """ValueError unless `weights` are `RoutingWeights` fields with values it accepts (configs)."""
+    known = {f.name for f in dataclasses.fields(RoutingWeights)}
+    if unknown := sorted(set(weights) - known):
+        raise ValueError(f"unknown routing weights {unknown}; known: {sorted(known)}")
+    RoutingWeights(**weights)
+
+
 def _rendezvous_weight(seed: int, adapter_id: str, replica_id: str) -> int:
     # blake2b, not hash(): Python salts str hashes per process, and every router process must
     # agree on the placement.
@@ -135,6 +146,32 @@ def rendezvous_order(adapter_id: str, replica_ids: Iterable[str], *, seed: int =
         replica_ids,
         key=lambda replica_id: (-_rendezvous_weight(seed, adapter_id, replica_id), replica_id),
     )
+
+
+def prewarm_order(
+    requests: Mapping[str, int], replica_ids: Iterable[str], replica_id: str, limit: int,
+    weights: RoutingWeights = DEFAULT_WEIGHTS,
+) -> list[str]:
+    """What a replica that joins `replica_ids` loads before it takes traffic: at most `limit`
+    adapters, first those whose home set it joins (the routers will send them here), most
+    requested first, then the most requested others (they spread to every replica when hot).
+
+    An adapter's share of `requests` times the replica count is its demand in replicas' worth
+    if the cluster is busy, which is when autoscaling adds a replica; its home set is then the
+    first ceil(demand / `load_per_replica`) replicas of its rendezvous order (`rank_replicas`).
+    """
+    total = sum(requests.values())
+    if limit <= 0 or total <= 0:
+        return []
+    members = sorted({*replica_ids, replica_id})
+    popular = sorted((a for a, n in requests.items() if n > 0), key=lambda a: (-requests[a], a))
+    homed = []
+    for adapter_id in popular:
+        spread = max(1, math.ceil(requests[adapter_id] / total * len(members) / weights.load_per_replica))
+        if replica_id in rendezvous_order(adapter_id, members, seed=weights.seed)[:spread]:
+            homed.append(adapter_id)
+    chosen = homed[:limit]
+    return chosen + [a for a in popular if a not in chosen][: limit - len(chosen)]
 
 
 def _home_set(ordered: Sequence[ReplicaView], spread: int, weights: RoutingWeights) -> set[str]:

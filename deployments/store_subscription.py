@@ -25,7 +25,7 @@ import ray
 
 from deployments.engine import Engine
 from deployments.ray_errors import unwrap_ray_error
-from lora_core.changes import ChangeBatch
+from lora_core.changes import AdapterDemand, ChangeBatch
 from lora_core.checkpoint import LoraCheckpoint
 from lora_core.errors import SourceUnavailableError
 from lora_core.payload import checkpoint_from_payload
@@ -50,6 +50,7 @@ class StoreSubscription:
         self._warm: dict[str, str] = {}  # what the last answer left warm: reported on the next poll
         self._stopped = threading.Event()
         self.polls_applied = 0
+        self.pin_floor = 0  # the store's last word on the most replicas one adapter is pinned on
         self._thread = threading.Thread(target=self._run, name="store-subscription", daemon=True)
 
     def start(self) -> None:
@@ -68,6 +69,23 @@ class StoreSubscription:
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as error:
             raise SourceUnavailableError(f"the adapter store could not be reached: {error}") from None
         return checkpoint_from_payload(payload), version
+
+    def adapter_demand(self, limit: int) -> AdapterDemand:
+        """The store's most requested adapters and live replicas (what a new replica chooses its
+        prewarm from); empty if it cannot say."""
+        try:
+            return ray.get(self._store.adapter_demand.remote(limit), timeout=CALL_TIMEOUT_S)
+        except Exception as error:  # prewarming is an optimization: a replica starts without it
+            logger.warning("could not ask the adapter store for the adapters' demand: %s", error)
+            return AdapterDemand()
+
+    def leave(self) -> None:
+        """Stop polling and tell the store this replica is gone, so its pins move now."""
+        self.stop()
+        try:
+            ray.get(self._store.leave.remote(self.replica_id), timeout=5)
+        except Exception as error:
+            logger.warning("could not tell the adapter store this replica leaves: %s", error)
 
     def report_rejected(self, adapter_id: str, version: str, reason: str) -> None:
         """Tell the store a version failed its check here; does not wait for the answer."""
@@ -96,5 +114,6 @@ class StoreSubscription:
             if engine is not None:
                 self._warm = engine.residency.follow_store(batch.versions(), complete=batch.resync, fetch=self.resolve)
                 engine.residency.apply_store_pins(batch.pins)
+                self.pin_floor = batch.pin_floor
                 self.polls_applied += 1
             self._epoch, self._seq = batch.epoch, batch.seq

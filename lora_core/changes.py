@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["AdapterChange", "AdapterOnReplica", "ChangeBatch"]
+__all__ = ["AdapterChange", "AdapterDemand", "AdapterOnReplica", "ChangeBatch"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class ChangeBatch:
     serving: Mapping[str, str] = field(default_factory=dict)
     pins: frozenset[str] = frozenset()
     """The adapters the polling replica must keep warm and never evict (an admin's pins)."""
+    pin_floor: int = 0
+    """The most replicas one adapter is pinned on: autoscaling never scales in under it."""
 
     def versions(self) -> dict[str, str | None]:
         """adapter id -> its serving version, None for deleted; on a resync, every served adapter."""
@@ -52,3 +54,13 @@ class AdapterOnReplica:
     """Requests that ended there, and the tokens they generated."""
     validation: str | None = None
     """"ok", or why the last version checked there was rejected; None: none checked yet."""
+
+
+@dataclass(frozen=True)
+class AdapterDemand:
+    """What a starting replica asks the store, to choose what to prewarm."""
+
+    requests: Mapping[str, int] = field(default_factory=dict)
+    """Requests the live replicas served, per adapter that is served now (most requested first)."""
+    replica_ids: tuple[str, ...] = ()
+    """The replicas the store heard from lately: the others the routers place adapters among."""

@@ -14,13 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from lora_core.adapter_ids import parse_adapter_id
+from lora_core.errors import InvalidAdapterIdError
 from lora_core.paths import default_store_root
 
-__all__ = ["EngineConfig", "SourceInput", "SourceOptions", "StoreConfig"]
+__all__ = ["LIVE_ENGINE_FIELDS", "EngineConfig", "SourceInput", "SourceOptions", "StoreConfig"]
 
 SourceOptions = dict[str, str | int | float | bool]
+
+
+LIVE_ENGINE_FIELDS = ("max_new_tokens", "batch_wait_ms", "prefill_chunk_tokens")
+"""EngineConfig fields a running engine takes (`Engine.apply_live_settings`); the others need a new one."""
 
 
 class EngineConfig(BaseModel):
@@ -87,6 +93,20 @@ class StoreConfig(BaseModel):
                                       "it: a local folder or s3://bucket/prefix; default <root>/merged")
     merged_options: SourceOptions = Field(default_factory=dict, description="its source options (endpoint_url, "
                                           "region); credentials come from the environment")
+    pins: dict[str, int] = Field(default_factory=dict, description="adapter id -> replicas it is kept warm on "
+                                 "(never evicted there), beside the admin API's pins: the larger count wins")
+
+    @field_validator("pins")
+    @classmethod
+    def _pins_name_adapters(cls, pins: dict[str, int]) -> dict[str, int]:
+        for adapter_id, replicas in pins.items():
+            try:
+                parse_adapter_id(adapter_id)
+            except InvalidAdapterIdError as error:
+                raise ValueError(str(error)) from None
+            if isinstance(replicas, bool) or replicas < 1:
+                raise ValueError(f"pins[{adapter_id!r}] must be a replica count >= 1, got {replicas!r}")
+        return pins
 
     def resolved_root(self) -> Path:
         return Path(self.root or default_store_root()).resolve()

@@ -37,7 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from adapters_store.merge_spec import MergeSpec
 from adapters_store.merging import merge_adapters
-from cluster.jobs.settings import DEFAULT_CONFIG, REPLICA_ONLY_FIELDS, load_settings
+from cluster.jobs.settings import DEFAULT_CONFIG, load_settings
 from lora_core.adapter_ids import adapter_dir, parse_s3_uri, validate_adapter_id
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
 from lora_core.errors import LoraServeError, ServiceUnavailableError
@@ -48,7 +48,7 @@ from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from lora_core.settings import EngineConfig, StoreConfig
 
 __all__ = [
-    "DEFAULT_PROBES", "LOGIT_ATOL", "REPLICA_ONLY_FIELDS", "ExportCheckError", "ExportError", "ExportOptions",
+    "DEFAULT_PROBES", "LOGIT_ATOL", "ExportCheckError", "ExportError", "ExportOptions",
     "ExportResult", "FetchAdapter", "adapter_to_export", "export_folder", "load_settings", "main", "run", "save_merged",
     "store_fetcher", "upload_folder", "write_payload_folder",
 ]

@@ -7,22 +7,21 @@ from pathlib import Path
 
 import yaml
 
+from deployments.deploy_config import ReplicaSettings, ReplicaUserConfig
 from lora_core.errors import InvalidRequestError
 from lora_core.paths import REPO_ROOT
 from lora_core.settings import EngineConfig, StoreConfig
 
-__all__ = ["DEFAULT_CONFIG", "REPLICA_ONLY_FIELDS", "load_settings"]
+__all__ = ["DEFAULT_CONFIG", "load_settings"]
 
 DEFAULT_CONFIG = REPO_ROOT / "serve_config.yaml"
-REPLICA_ONLY_FIELDS = ("adapters", "store")
-"""`deployments.replica.ReplicaSettings`' fields beyond EngineConfig's (a test keeps them equal);
-that module imports Ray Serve, which a job that exports a local folder does not need."""
 
 
 def load_settings(config_path: Path) -> tuple[EngineConfig, StoreConfig]:
-    """The first application's `args.replica` as the replicas read it: engine settings and store.
-    InvalidRequestError for a missing file or one with no application; pydantic's
-    ValidationError for settings the replicas would refuse."""
+    """The first application's `args.replica` as the replicas read it, with its LoraReplica
+    `user_config` override when the file has one: engine settings and store. InvalidRequestError
+    for a missing file or one with no application; pydantic's ValidationError for settings the
+    replicas would refuse."""
     path = Path(config_path)
     if not path.is_file():
         raise InvalidRequestError(f"no Serve config at {path}; pass one with --config PATH")
@@ -30,7 +29,8 @@ def load_settings(config_path: Path) -> tuple[EngineConfig, StoreConfig]:
     applications = document.get("applications") or []
     if not applications:
         raise InvalidRequestError(f"{path} has no applications")
-    replica = dict((applications[0].get("args") or {}).get("replica") or {})
-    store = replica.get("store")
-    engine = {k: v for k, v in replica.items() if k not in REPLICA_ONLY_FIELDS}
-    return EngineConfig.model_validate(engine), StoreConfig.model_validate(store or {})
+    replica = ReplicaSettings.model_validate((applications[0].get("args") or {}).get("replica") or {})
+    for deployment in applications[0].get("deployments") or []:
+        if deployment.get("name") == "LoraReplica" and deployment.get("user_config") is not None:
+            replica = ReplicaUserConfig.model_validate(deployment["user_config"]).applied_to(replica)
+    return replica.engine_config(), replica.store or StoreConfig()

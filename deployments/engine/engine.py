@@ -43,7 +43,7 @@ from lora_core.checkpoint import LoraCheckpoint
 from lora_core.errors import AdapterNotFoundError, EngineClosedError, InvalidRequestError
 from lora_core.geometry import normalize_model_name
 from lora_core.probe import AdapterProbe
-from lora_core.settings import EngineConfig
+from lora_core.settings import LIVE_ENGINE_FIELDS, EngineConfig
 
 __all__ = ["Engine", "chat_turns", "load_engine_base", "slot_model_for"]
 
@@ -104,6 +104,19 @@ class Engine:
                 self.runner.warm_up(pad_id)
             logger.info("compiled decode for row buckets %s in %.1f s", self.runner.buckets, time.perf_counter() - started)
         self.scheduler.start(self.residency)
+
+    def apply_live_settings(self, config: EngineConfig) -> None:
+        """Take `config`'s `LIVE_ENGINE_FIELDS` (generation limits, scheduling) from the next
+        request and step on; any other difference needs a new engine (ValueError)."""
+        live = set(LIVE_ENGINE_FIELDS)
+        current = self.config.model_copy(update={"torch_threads": config.torch_threads})
+        if needs_restart := [f for f in EngineConfig.model_fields if f not in live
+                             and getattr(config, f) != getattr(current, f)]:
+            raise ValueError(f"{', '.join(needs_restart)} cannot change in a running engine: set them under the "
+                             "application's args (Serve replaces the replicas)")
+        self.config = self.config.model_copy(update={f: getattr(config, f) for f in live})
+        self.scheduler.settings = dataclasses.replace(
+            self.scheduler.settings, prefill_chunk_tokens=config.prefill_chunk_tokens, batch_wait_ms=config.batch_wait_ms)
 
     # ---- adapters (see `residency` for how they move between folder, host cache and slot) --------
 

@@ -3,20 +3,14 @@ as the job's working dir, waiting for the end; and a free port for the dashboard
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 
+from benchmarks.local_cluster import free_port  # noqa: F401  (tests import it from here)
 from lora_core.paths import REPO_ROOT
 
 JOB_TIMEOUT_S = 240
 WORKING_DIR_EXCLUDES = [".venv", ".cache", ".git", "tests", "out"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_job(address: str, module: str, *arguments: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, str]:

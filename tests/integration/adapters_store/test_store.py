@@ -158,9 +158,9 @@ def test_replicas_swap_a_new_version_into_warm_slots(ray_cluster, store, source_
     from deployments.replica import LoraReplica
 
     config = StoreConfig(name=f"store-{tmp_path.name}", root=str(tmp_path / "store"))
-    user_config = {**ENGINE.model_dump(mode="json"), "store": config.model_dump(mode="json")}
+    settings = {**ENGINE.model_dump(mode="json"), "store": config.model_dump(mode="json")}
     handle = serve.run(
-        LoraReplica.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}, user_config=user_config).bind(),
+        LoraReplica.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}).bind(settings),
         name="store-test", route_prefix=None,
     )
     try:
@@ -227,3 +227,30 @@ def test_a_changed_store_config_is_applied_to_the_running_store_or_moves_it(ray_
     assert moved._actor_id != actor_id and ray_cluster.get(moved.root.remote()) == str((tmp_path / "store2").resolve())
     assert (tmp_path / "store" / "manifest.json").is_file()  # the old root's registry is kept
     ray_cluster.kill(moved)
+
+
+def test_demand_pins_and_leaving_as_the_replicas_report_them(ray_cluster, store, source_root):
+    """What autoscaling asks the store: the adapters live replicas served most (a new replica's
+    prewarm), the pin floor (scale-in never under it), and a leaving replica's pins moving."""
+    from lora_core.changes import AdapterOnReplica
+
+    source_root.place("acme/poet", 2)
+    ray_cluster.get(store.sync_now.remote())
+    first = ray_cluster.get(store.poll.remote("r1", None, 0, {}, 0.1, {
+        "acme/pirate": AdapterOnReplica(requests=3), "acme/poet": AdapterOnReplica(requests=1)}))
+    ray_cluster.get(store.poll.remote("r2", None, 0, {}, 0.1, {
+        "acme/poet": AdapterOnReplica(requests=5), "acme/gone": AdapterOnReplica(requests=9)}))
+    demand = ray_cluster.get(store.adapter_demand.remote(8))
+    assert list(demand.requests.items()) == [("acme/poet", 6), ("acme/pirate", 3)]  # not served: left out
+    assert demand.replica_ids == ("r1", "r2")
+    assert list(ray_cluster.get(store.adapter_demand.remote(1)).requests) == ["acme/poet"]
+    assert first.pin_floor == 0
+
+    ray_cluster.get(store.pin.remote("acme/pirate", 1))
+    r1, r2 = (ray_cluster.get(store.poll.remote(r, None, 0, {}, 0.1)) for r in ("r1", "r2"))
+    assert r1.pin_floor == r2.pin_floor == 1 and len(r1.pins | r2.pins) == 1
+    holder = "r1" if r1.pins else "r2"
+    ray_cluster.get(store.leave.remote(holder))
+    other = "r2" if holder == "r1" else "r1"
+    assert ray_cluster.get(store.poll.remote(other, None, 0, {}, 0.1)).pins == frozenset({"acme/pirate"})
+    assert ray_cluster.get(store.adapter_demand.remote(8)).replica_ids == (other,)

@@ -31,7 +31,7 @@ def lora_replicas(tmp_path_factory):
         adapter_id: str(make_peft_adapter(root / adapter_id.replace("/", "__"), seed=index))
         for index, adapter_id in enumerate(ADAPTERS)
     }
-    user_config = {
+    settings = {
         "base_model": "tiny-random-llama",
         "compile": "off",
         "num_slots": 2,
@@ -45,9 +45,8 @@ def lora_replicas(tmp_path_factory):
             num_replicas=2,
             max_ongoing_requests=MAX_ONGOING,
             ray_actor_options={"num_cpus": 0.5},
-            user_config=user_config,
             request_router_config=affinity_request_router_config(stats_period_s=0.5),
-        ).bind()
+        ).bind(settings)
         yield serve.run(app, name="affinity", route_prefix=None)
 
 

@@ -1,5 +1,5 @@
 """The HTTP API end to end: a real local Ray, `serve.run(build_app(...))`, real HTTP with httpx and
-the openai SDK, the tiny model with two real PEFT adapters registered through the user_config."""
+the openai SDK, the tiny model with two real PEFT adapters registered through the app args."""
 
 from __future__ import annotations
 
@@ -265,7 +265,7 @@ def replica_stats(rounds: int = 8) -> list[dict]:
 
 
 def test_a_deploy_that_changes_only_the_adapters_reconfigures_in_place(served, http, adapter_folders):
-    """`serve deploy` with a new user_config for LoraReplica: the same replica processes and
+    """`serve deploy` with a new user_config for LoraReplica (only its adapters): the same replica processes and
     engines (no rebuild), the new adapter serves, the dropped one is 404. Runs last: it changes
     the app. (What `serve deploy` sends, handed to the controller without the dashboard.)"""
     from ray.serve.context import _get_global_client
@@ -280,7 +280,7 @@ def test_a_deploy_that_changes_only_the_adapters_reconfigures_in_place(served, h
                     "route_prefix": "/",
                     "import_path": "deployments.app:build_app",
                     "args": app_args({}),
-                    "deployments": [{"name": "LoraReplica", "user_config": replica_settings(adapters)}],
+                    "deployments": [{"name": "LoraReplica", "user_config": {"adapters": adapters}}],
                 }
             ],
         }

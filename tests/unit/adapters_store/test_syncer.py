@@ -284,3 +284,18 @@ def test_a_probe_file_is_fetched_and_recorded(tmp_path, geometry, place):
     (folder / "probe.json").write_text("{not json")
     report = syncer.sync()
     assert "acme/pirate" in report.rejected and syncer.record("acme/pirate").serving.probe.expected == "Arr"
+
+
+def test_config_pins_join_admin_pins_the_larger_count_winning_and_follow_a_deploy(tmp_path, geometry, place):
+    place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "src" / "acme" / "poet", seed=1)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}], pins={"acme/pirate": 2, "acme/gone": 1})
+    syncer.sync()
+    assert syncer.pins() == {"acme/pirate": 2}  # an id not served is not pinned
+    syncer.pin("acme/pirate", 3)
+    syncer.pin("acme/poet", 1)
+    assert syncer.pins() == {"acme/pirate": 3, "acme/poet": 1}
+    syncer.pin("acme/pirate", 0)  # the admin's unpin leaves the config's pin
+    assert syncer.pins() == {"acme/pirate": 2, "acme/poet": 1}
+    assert syncer.apply_config(syncer.config.model_copy(update={"pins": {}})) == ["pins"]
+    assert syncer.pins() == {"acme/poet": 1}

@@ -60,9 +60,9 @@ def test_requests_and_chunks_pickle_as_they_cross_ray():
 
 def test_routing_stats_round_trip_through_the_dict_ray_carries():
     stats = RoutingStats(warm=("acme/a", "acme/b"), free_slots=1, evictable_slots=2, next_victim="acme/b",
-                         queue_len=5, pending_loads=1, num_slots=4)
+                         queue_len=5, pending_loads=1, num_slots=4, routing_weights=(("miss_cost", 3.0),))
     wire = stats.to_dict()
-    assert wire["warm"] == ["acme/a", "acme/b"]
+    assert wire["warm"] == ["acme/a", "acme/b"] and wire["routing_weights"] == {"miss_cost": 3.0}
     assert RoutingStats.from_dict(wire) == stats
 
 
@@ -76,6 +76,8 @@ def test_routing_stats_round_trip_through_the_dict_ray_carries():
         {"warm": [1]},
         {"next_victim": 3},
         {"extra": 1},
+        {"routing_weights": [["miss_cost", 3.0]]},
+        {"routing_weights": {"miss_cost": "3"}},
     ],
 )
 def test_a_malformed_report_is_refused(change):

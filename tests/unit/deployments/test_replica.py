@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from pydantic import ValidationError
 
 from benchmarks.common import wait_until
 from deployments.replica import LoraReplica
@@ -23,12 +24,19 @@ def folders(adapter_factory):
 
 
 @pytest.fixture
-def replica():
-    """The deployment's class, made in process; its engine's threads must be gone after `__del__`."""
+def make_replica():
+    """The deployment's class, made in process from args' settings; its engines' threads must be
+    gone after `__del__`."""
+    made = []
+
+    def make(adapters: dict | None = None, **changes) -> LoraReplica:
+        made.append(LoraReplica.func_or_class(settings(adapters or {}, **changes)))
+        return made[-1]
+
     with no_new_threads():
-        made = LoraReplica.func_or_class()
-        yield made
-        made.__del__()
+        yield make
+        for replica in made:
+            replica.__del__()
 
 
 def run(coroutine):
@@ -39,37 +47,43 @@ async def collect(replica, request):
     return [chunk async for chunk in replica.stream(request)]
 
 
-def test_a_change_of_adapters_only_keeps_the_engine(replica, folders):
-    replica.reconfigure(settings({"acme/a0": folders["acme/a0"], "acme/a1": folders["acme/a1"]}))
+def test_a_deploy_of_adapters_only_keeps_the_engine(make_replica, folders):
+    replica = make_replica({"acme/a0": folders["acme/a0"], "acme/a1": folders["acme/a1"]})
     engine = replica._engine
-    replica.reconfigure(settings({"acme/a1": folders["acme/a1"], "acme/a2": folders["acme/a2"]}))
+    replica.reconfigure({"adapters": {"acme/a1": folders["acme/a1"], "acme/a2": folders["acme/a2"]}})
     assert replica._engine is engine and replica.engine_builds == 1
     assert replica.list_adapters()["adapters"] == ["acme/a1", "acme/a2"]
     with pytest.raises(AdapterNotFoundError):
         run(replica.generate(request("hi", "acme/a0", max_tokens=2)))
     assert run(replica.generate(request("hi", "acme/a2", max_tokens=2))).completion_tokens >= 1
+    replica.reconfigure({})  # the override dropped: back to args' adapters
+    assert replica.list_adapters()["adapters"] == ["acme/a0", "acme/a1"]
 
 
-def test_a_change_of_engine_settings_rebuilds_with_the_adapters(replica, folders):
-    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}))
-    old = replica._engine
-    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}, num_slots=3))
-    assert replica._engine is not old and replica.engine_builds == 2
-    assert replica._engine.config.num_slots == 3
-    assert run(replica.generate(request("hi", "acme/a0", max_tokens=2))).text is not None
+def test_a_deploy_changes_generation_limits_in_place_and_refuses_what_needs_a_new_engine(make_replica, folders):
+    replica = make_replica({"acme/a0": folders["acme/a0"]})
+    engine = replica._engine
+    with pytest.raises(InvalidRequestError, match="over the limit of 16"):
+        run(replica.generate(request("hi", "acme/a0", max_tokens=20)))
+    replica.reconfigure({"max_new_tokens": 24, "batch_wait_ms": 2.0, "prefill_chunk_tokens": 8})
+    assert run(replica.generate(request("hi", "acme/a0", max_tokens=20, ignore_eos=True))).completion_tokens == 20
+    assert engine.scheduler.settings.batch_wait_ms == 2.0 and engine.scheduler.settings.prefill_chunk_tokens == 8
+    with pytest.raises(ValidationError, match="num_slots need a new engine"):  # under args, never here
+        replica.reconfigure({"num_slots": 3})
+    assert replica._engine is engine and engine.config.num_slots == 2 and engine.config.max_new_tokens == 24
 
 
-def test_a_refused_adapter_leaves_the_registered_ones(replica, folders, tmp_path):
-    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}))
+def test_a_refused_adapter_leaves_the_registered_ones(make_replica, folders, tmp_path):
+    replica = make_replica({"acme/a0": folders["acme/a0"]})
     with pytest.raises(InvalidAdapterError):
-        replica.reconfigure(settings({"acme/a0": folders["acme/a0"], "acme/bad": str(tmp_path)}))
+        replica.reconfigure({"adapters": {"acme/a0": folders["acme/a0"], "acme/bad": str(tmp_path)}})
     assert replica.list_adapters()["adapters"] == ["acme/a0"]
-    with pytest.raises(InvalidAdapterError):  # a first configure that fails builds nothing
-        LoraReplica.func_or_class().reconfigure(settings({"acme/bad": str(tmp_path)}))
+    with no_new_threads(), pytest.raises(InvalidAdapterError):  # a replica whose args fail builds nothing
+        LoraReplica.func_or_class(settings({"acme/bad": str(tmp_path)}))
 
 
-def test_stream_adds_up_to_generate_and_limits_raise_before_the_first_chunk(replica, folders):
-    replica.reconfigure(settings({"acme/a0": folders["acme/a0"]}))
+def test_stream_adds_up_to_generate_and_limits_raise_before_the_first_chunk(make_replica, folders):
+    replica = make_replica({"acme/a0": folders["acme/a0"]})
     greedy = request("hello", "acme/a0", max_tokens=8)
     whole = run(replica.generate(greedy))
     chunks = run(collect(replica, greedy))
@@ -80,8 +94,8 @@ def test_stream_adds_up_to_generate_and_limits_raise_before_the_first_chunk(repl
         run(collect(replica, request("hello", "acme/a0", max_tokens=17)))
 
 
-def test_chat_without_max_tokens_fills_what_the_prompt_leaves(replica):
-    replica.reconfigure(settings({}, max_seq_len=40, max_new_tokens=30))
+def test_chat_without_max_tokens_fills_what_the_prompt_leaves(make_replica):
+    replica = make_replica(max_seq_len=40, max_new_tokens=30)
     messages = [{"role": "user", "content": "x" * 10}]
     prompt_tokens = len(replica._engine.encode(messages=messages))
     result = run(replica.generate(request(messages=messages)))  # no max_tokens
@@ -89,10 +103,10 @@ def test_chat_without_max_tokens_fills_what_the_prompt_leaves(replica):
     assert result.completion_tokens <= 40 - prompt_tokens
 
 
-def test_a_stream_its_caller_abandons_frees_the_row(replica):
+def test_a_stream_its_caller_abandons_frees_the_row(make_replica):
     """A client that disconnects closes the stream: its row leaves at the next step, and the
     next request gets the only lane."""
-    replica.reconfigure(settings({}, max_num_seqs=1, max_new_tokens=16))
+    replica = make_replica(max_num_seqs=1, max_new_tokens=16)
 
     async def abandon_then_ask() -> int:
         stream = replica.stream(request("a long one", None, max_tokens=16, ignore_eos=True))
@@ -105,8 +119,8 @@ def test_a_stream_its_caller_abandons_frees_the_row(replica):
     assert replica._engine.stats()["tokens_generated"] < 16 + 2  # the long one stopped early
 
 
-def test_the_health_check_fails_once_the_engine_loop_has_died(replica, monkeypatch):
-    replica.reconfigure(settings({}))
+def test_the_health_check_fails_once_the_engine_loop_has_died(make_replica, monkeypatch):
+    replica = make_replica()
     replica.check_health()  # alive
     scheduler = replica._engine.scheduler
 

@@ -347,3 +347,30 @@ def test_the_yaml_form_loads_the_same_router():
 def test_bad_router_kwargs_are_refused(kwargs):
     with pytest.raises(ValueError):
         AffinityRouterSettings.model_validate(kwargs)
+
+
+def weighted(weights: dict) -> dict:
+    return {**stats(), "routing_weights": weights}
+
+
+def test_the_replicas_routing_weights_reach_the_router_once_they_agree():
+    """A `serve deploy` changes LoraReplica's `routing_weights`: the replicas report them and
+    every router uses them over its own kwargs, but not while replicas still disagree."""
+    clock = FakeClock()
+
+    async def scenario():
+        a, b = FakeRunningReplica("a", weighted({})), FakeRunningReplica("b", weighted({}))
+        router = make_router([a, b], clock, weights={"miss_cost": 3.0, "seed": 5})
+        seen = [router._weights]
+        a.routing_stats = weighted({"miss_cost": 9.0})
+        router.update_replicas([a, b])
+        seen.append(router._weights)
+        b.routing_stats = weighted({"miss_cost": 9.0})
+        router.update_replicas([a, b])
+        seen.append(router._weights)
+        return seen
+
+    kwargs_only, mixed, agreed = run(scenario)
+    assert (kwargs_only.miss_cost, kwargs_only.seed) == (3.0, 5)
+    assert mixed == kwargs_only
+    assert (agreed.miss_cost, agreed.seed) == (9.0, 5)

@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from deployments.routing_policy import AdapterLoadTracker, ReplicaView, RoutingWeights, rank_replicas, rendezvous_order
+from deployments.routing_policy import (
+    AdapterLoadTracker,
+    ReplicaView,
+    RoutingWeights,
+    prewarm_order,
+    rank_replicas,
+    rendezvous_order,
+)
 
 NO_AWAY = RoutingWeights(away_cost=0.0)
 
@@ -362,3 +369,31 @@ def test_a_pinned_adapter_goes_to_the_replicas_it_is_pinned_on() -> None:
     assert rank_replicas(replicas, "pinned")[0] == last
     unpinned = [view(rid, free=1, evictable=0, queue=1 if rid == last else 0) for rid in ids]
     assert rank_replicas(unpinned, "pinned")[0] == first
+
+
+# ---- prewarm_order: what a joining replica loads first -----------------------------------------
+
+
+def test_a_joining_replica_prewarms_the_adapters_it_becomes_home_for_then_the_most_requested():
+    others = ["r1", "r2"]
+    requests = {f"acme/a{i}": 100 // (i + 1) for i in range(12)}
+    order = prewarm_order(requests, others, "new", limit=6)
+    members = ["new", *others]
+    total = sum(requests.values())
+
+    def homed(adapter_id: str) -> bool:
+        spread = max(1, math.ceil(requests[adapter_id] / total * 3 / 0.75))
+        return "new" in rendezvous_order(adapter_id, members)[:spread]
+
+    expected_homed = [a for a in sorted(requests, key=lambda a: -requests[a]) if homed(a)]
+    assert len(order) == 6 and len(set(order)) == 6
+    assert order[:len(expected_homed[:6])] == expected_homed[:6]
+    rest = [a for a in sorted(requests, key=lambda a: -requests[a]) if a not in expected_homed[:6]]
+    assert order[len(expected_homed[:6]):] == rest[: 6 - len(expected_homed[:6])]
+    assert "acme/a0" in order  # the hottest spreads to every replica's prewarm when it fits
+
+
+def test_prewarm_order_is_empty_without_demand_or_room_and_ignores_unrequested_ids():
+    assert prewarm_order({}, ["r1"], "new", limit=4) == []
+    assert prewarm_order({"acme/a": 3}, ["r1"], "new", limit=0) == []
+    assert prewarm_order({"acme/a": 3, "acme/b": 0}, [], "new", limit=4) == ["acme/a"]
