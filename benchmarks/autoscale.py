@@ -47,6 +47,7 @@ GOAL_MISS_RATIO = 0.5
 def app_args(model: str, bucket: str, endpoint: str, root: str, prewarm: int, num_slots: int) -> dict:
     return {
         "replica_num_cpus": 1,
+        "tenants": {"auth": "none"},
         "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 2,
                         "downscale_delay_s": 5, "look_back_period_s": 3, "metrics_interval_s": 0.5},
         "replica": {"base_model": common.engine_model_name(model), "compile": "off", "num_slots": num_slots,

@@ -529,6 +529,7 @@ def end_to_end(args, engine_model: str, phases: list[str]) -> dict:
             app_args = {
                 "num_replicas": args.replicas,
                 "replica_num_cpus": 1,
+                "tenants": {"auth": "none"},
                 "replica": {**engine_config.model_dump(mode="json"), "store": store_config.model_dump(mode="json")},
             }
             for phase in phases:

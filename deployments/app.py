@@ -101,8 +101,8 @@ class AppArgs(BaseModel):
         64, ge=-1, description="requests waiting for a replica before callers get 503 + Retry-After (-1: no limit)"
     )
     tenants: TenantsConfig = Field(
-        default_factory=lambda: TenantsConfig(auth="none"),
-        description="API keys -> tenants; default: no access control (serve_config.yaml sets demo tenants)",
+        default_factory=TenantsConfig,
+        description="API keys -> tenants; required: an app with no key refuses to start unless auth: none is set",
     )
     routing_stats_period_s: float = Field(
         0.5, gt=0, description="how often replicas report their warm slots and queues to the adapter-affinity router"
@@ -112,6 +112,14 @@ class AppArgs(BaseModel):
     )
     replica: ReplicaSettings = Field(default_factory=ReplicaSettings, description="the replicas' settings; "
                                      "LoraReplica's user_config changes some in place (deploy_config)")
+
+    @model_validator(mode="after")
+    def _fail_closed(self) -> "AppArgs":
+        if not self.tenants.names_a_key():
+            raise ValueError(
+                "no API key is configured (tenants): add tenants' key_sha256, admin_key_sha256 or keys_env, "
+                "or set tenants: {auth: none} explicitly for a server where every caller is an admin")
+        return self
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> "AppArgs":

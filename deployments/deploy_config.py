@@ -108,7 +108,7 @@ class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_model_name: str = Field(min_length=1, description="the `model` value that means no adapter")
-    tenants: TenantsConfig = Field(default_factory=lambda: TenantsConfig(auth="none"))
+    tenants: TenantsConfig
     store: StoreConfig | None = Field(None, description="the adapter store the admin API and /v1/models use")
 
 

@@ -67,7 +67,7 @@ from deployments.schemas.openai import (
     ModelList,
 )
 from deployments.schemas.streaming import StreamFormat, sse_event
-from deployments.tenants import Caller, KeyRing, TenantsConfig, uses_demo_keys
+from deployments.tenants import OPEN_ACCESS_WARNING, Caller, KeyRing, TenantsConfig, uses_demo_keys
 from lora_core.adapter_ids import parse_adapter_id
 from lora_core.errors import (
     AdapterDisabledError,
@@ -184,6 +184,8 @@ class Router:
     def _use_tenants(self, tenants: TenantsConfig) -> None:
         keyring = KeyRing(tenants)  # refuses a bad config before the current key ring is replaced
         _install_keyring(keyring)
+        if keyring.auth == "none":
+            logger.warning(OPEN_ACCESS_WARNING)
         if uses_demo_keys(keyring):
             logger.warning("DEMO API KEYS ARE IN USE (sk-acme-demo, sk-globex-demo, sk-admin-demo): anyone can "
                            "call this server; set real keys in serve_config.yaml `tenants` or keys_env")
@@ -282,7 +284,10 @@ class Router:
                 ServiceUnavailableError(f"no replica answered within {HEALTH_TIMEOUT_S:.0f} s"))
         except LoraServeError as error:
             return http_errors.error_response(ServiceUnavailableError(f"the replicas cannot answer: {error}"))
-        return {"status": "ok", "base_model": self.settings.base_model_name}
+        health = {"status": "ok", "base_model": self.settings.base_model_name}
+        if self.settings.tenants.auth == "none":
+            health["warning"] = OPEN_ACCESS_WARNING
+        return health
 
     # ---- internals ------------------------------------------------------------------------------
 

@@ -21,8 +21,10 @@ Checked at load, refused with a message that says how to fix it (never showing a
   * keys are 8-512 visible ASCII characters (what a Bearer header carries), hashes 64 hex digits;
   * a key belongs to one caller: the same key twice (two tenants, a tenant and admin, or one
     tenant twice) is refused, since it could not say who is calling;
-  * `auth: keys` with no key at all is refused: a server that answers 401 to everyone is a mistake.
-    `auth: none` ignores any keys and serves every request as an admin (`OPEN_ACCESS`).
+  * `auth: keys` with no key at all is refused: a server that answers 401 to everyone is a mistake,
+    and the app (`AppArgs`) fails closed: it refuses to start with no key unless `auth: none` is set.
+    `auth: none` ignores any keys and serves every request as an admin (`OPEN_ACCESS`), with a
+    warning at start and in every `/healthz`.
 
 `KeyRing.authenticate` hashes the presented key and compares it with every stored sha256 through
 `hmac.compare_digest`, going on after a match, so the time taken does not tell whether or which
@@ -138,6 +140,14 @@ class TenantsConfig(BaseModel):
     keys_env: str | None = Field(
         None, description="environment variable with more keys: 'tenant:key,admin:key', read at start")
 
+    def names_a_key(self) -> bool:
+        """False for a config that could only answer 401 (auth keys, no key, no keys_env);
+        `auth: none` said explicitly counts as a choice."""
+        if self.auth == "none":
+            return True
+        return bool(self.keys_env or self.admin_key_sha256 or self.admin_keys
+                    or any(t.key_sha256 or t.keys for t in self.tenants.values()))
+
     @field_validator("tenants")
     @classmethod
     def _tenant_names(cls, tenants: dict[str, TenantKeys]) -> dict[str, TenantKeys]:
@@ -229,6 +239,8 @@ class Caller:
 
 ADMIN_CALLER = Caller(tenant=None, is_admin=True)
 OPEN_ACCESS = ADMIN_CALLER  # every request under `auth: none`
+OPEN_ACCESS_WARNING = ("auth is 'none': there is no access control, every caller is an admin "
+                       "(set tenants' keys for anything but a test)")
 
 
 def _bearer_key(authorization: str | None) -> str:

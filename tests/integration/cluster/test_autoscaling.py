@@ -29,6 +29,7 @@ APP = "lora-serve"
 def app_args(bucket: str, endpoint: str, root: str) -> dict:
     return {
         "replica_num_cpus": 1,
+        "tenants": {"auth": "none"},
         "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 1,
                         "downscale_delay_s": 4, "look_back_period_s": 2, "metrics_interval_s": 0.5},
         "replica": {"base_model": "tiny-random-llama", "compile": "off", "num_slots": 2, "max_rank": 16,

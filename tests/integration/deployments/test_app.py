@@ -14,7 +14,7 @@ def test_the_demo_switch_runs_the_trainer_as_its_own_process_and_watches_its_fol
     import deployments.app as app
 
     monkeypatch.setattr(app, "default_demo_adapters_dir", lambda: tmp_path / "demo")
-    settings = app.AppArgs.model_validate({"demo_adapters": True, "replica": {"base_model": TINY}})
+    settings = app.AppArgs.model_validate({"demo_adapters": True, "tenants": {"auth": "none"}, "replica": {"base_model": TINY}})
     with_demo = settings.with_demo_adapters()
     assert [s.uri for s in with_demo.replica.store.sources] == [str(tmp_path / "demo")]
     assert sorted(LocalSource(tmp_path / "demo").list_adapters()) == sorted(style.adapter_id for style in DEMO_STYLES)

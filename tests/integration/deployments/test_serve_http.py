@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from benchmarks.common import wait_until
+from deployments.tenants import OPEN_ACCESS_WARNING
 from tests.support.ray_cluster import local_ray
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,7 @@ def replica_settings(adapters: dict[str, str]) -> dict:
 
 
 def app_args(adapters: dict[str, str]) -> dict:
-    return {"num_replicas": 2, "replica_num_cpus": 1, "replica": replica_settings(adapters)}
+    return {"num_replicas": 2, "replica_num_cpus": 1, "tenants": {"auth": "none"}, "replica": replica_settings(adapters)}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def sse_events(response: httpx.Response) -> list:
 def test_healthz(http):
     response = http.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "base_model": BASE_MODEL}
+    assert response.json() == {"status": "ok", "base_model": BASE_MODEL, "warning": OPEN_ACCESS_WARNING}
 
 
 def test_models_lists_the_base_model_and_every_adapter(http, openai_client):

@@ -69,16 +69,19 @@ def test_the_policy_reads_the_replicas_reports_from_serves_context():
         AdapterAwarePolicy(target_kv_fractoin=0.5)
 
 
+OPEN = {"tenants": {"auth": "none"}}
+
+
 def test_app_args_give_serve_an_autoscaling_config_with_the_policy():
-    args = AppArgs.model_validate({"autoscaling": {"min_replicas": 1, "max_replicas": 3,
+    args = AppArgs.model_validate({**OPEN, "autoscaling": {"min_replicas": 1, "max_replicas": 3,
                                                    "policy_settings": {"max_cold_miss_ratio": 0.5}}})
     config = AutoscalingConfig(**args.autoscaling.serve_config(max_num_seqs=16))
     assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 3, 16.0)
     assert config.policy.policy_function == POLICY_PATH
     assert config.policy.policy_kwargs["max_cold_miss_ratio"] == 0.5
-    plain = AppArgs.model_validate({"autoscaling": {"policy": "queue_length", "target_ongoing_requests": 4}})
+    plain = AppArgs.model_validate({**OPEN, "autoscaling": {"policy": "queue_length", "target_ongoing_requests": 4}})
     assert AutoscalingConfig(**plain.autoscaling.serve_config(16)).policy.is_default_policy_function()
     with pytest.raises(ValidationError, match="not both"):
-        AppArgs.model_validate({"num_replicas": 2, "autoscaling": {}})
+        AppArgs.model_validate({**OPEN, "num_replicas": 2, "autoscaling": {}})
     with pytest.raises(ValidationError, match="min_replicas <= initial_replicas"):
-        AppArgs.model_validate({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+        AppArgs.model_validate({**OPEN, "autoscaling": {"min_replicas": 3, "max_replicas": 2}})

@@ -273,3 +273,18 @@ def test_caller_is_a_tenant_or_an_admin():
     assert acme.can_see("acme/bot") and acme.can_see("shared/sql")
     assert not acme.can_see("globex/bot")
     assert ADMIN_CALLER.can_see("globex/bot") and ADMIN_CALLER.can_see("shared/sql")
+
+
+def test_the_app_fails_closed_without_a_key_unless_auth_none_is_said():
+    from deployments.app import AppArgs
+
+    replica = {"base_model": "tiny-random-llama"}
+    for unkeyed in ({}, {"tenants": {"acme": {}}}, {"auth": "keys"}):
+        with pytest.raises(ValueError, match="no API key is configured"):
+            AppArgs.model_validate({"tenants": unkeyed, "replica": replica})
+    with pytest.raises(ValueError, match="no API key is configured"):
+        AppArgs.model_validate({"replica": replica})  # tenants left out: no default open door
+    assert AppArgs.model_validate({"tenants": {"auth": "none"}, "replica": replica}).tenants.auth == "none"
+    for keyed in ({"keys_env": "LS_KEYS"}, {"admin_keys": ["sk-admin-12345"]},
+                  {"tenants": {"acme": {"key_sha256": [key_sha256(ACME_KEY)]}}}):
+        assert AppArgs.model_validate({"tenants": keyed, "replica": replica}).tenants.names_a_key()
