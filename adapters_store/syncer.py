@@ -11,7 +11,13 @@ Invariants:
     a source that cannot be reached changes nothing (the source is "degraded", and is retried
     with exponential backoff up to `max_backoff_s`).
   - The registry and the watched sources live in one manifest (`<root>/manifest.json`), saved
-    atomically after every change: a restarted store starts from exactly what was recorded.
+    atomically after every change: a restarted store starts from exactly what was recorded. A
+    version folder is removed only after a manifest that no longer names it is saved.
+  - One bad adapter never stops a sync: any exception while reading or validating it rejects
+    that adapter (the reason recorded) and the others go on.
+  - A listing that loses more than `max_loss_share` of a source's adapters at once (an empty
+    listing, an unmounted folder, a copy in progress) is held as suspect: nothing is deleted and
+    they keep serving until the next listing confirms the same loss.
   - A disabled adapter is still synced and validated, but serves nothing (`serving_versions`
     leaves it out, `serving_checkpoint` refuses it with 409) until it is enabled.
   - One adapter id has one owner: the first source that listed it, or an explicit registration
@@ -96,6 +102,7 @@ class SyncReport:
     unavailable: dict[str, str] = field(default_factory=dict)  # source key -> why (unreachable or refused)
     source_errors: dict[str, SourceError] = field(default_factory=dict)  # the same, typed
     skipped: dict[str, str] = field(default_factory=dict)  # where -> why (bad ids, owner conflicts)
+    suspect: dict[str, list[str]] = field(default_factory=dict)  # source key -> ids its listing lost, held
     changes: list[AdapterChange] = field(default_factory=list)
     duration_s: float = 0.0
 
@@ -103,12 +110,25 @@ class SyncReport:
         return {
             "registered": self.registered, "updated": self.updated, "rejected": self.rejected,
             "deleted": self.deleted, "unavailable": self.unavailable, "skipped": self.skipped,
+            "suspect": self.suspect,
             "duration_s": round(self.duration_s, 3),
         }
 
 
 def _version_folder_name(version: str) -> str:
     return hashlib.sha256(version.encode()).hexdigest()[:24]
+
+
+def is_suspect_loss(listed_before: int, lost: int, max_loss_share: float) -> bool:
+    """A listing that lost more than `max_loss_share` of what the source listed before."""
+    return lost > 0 and lost > max_loss_share * listed_before
+
+
+def _as_invalid(error: Exception) -> InvalidAdapterError:
+    """Any failure to read or check one checkpoint, as the rejection it leads to."""
+    if isinstance(error, InvalidAdapterError):
+        return error
+    return InvalidAdapterError(f"the checkpoint cannot be read: {type(error).__name__}: {error}", "unreadable")
 
 
 class AdapterSyncer:
@@ -141,6 +161,8 @@ class AdapterSyncer:
             self._specs.setdefault(spec.key, spec)
         self._sources: dict[str, AdapterSource] = {}
         self._health: dict[str, SourceHealth] = {key: SourceHealth() for key in self._specs}
+        self._suspect: dict[str, frozenset[str]] = {}  # source key -> the ids its last listing lost, held
+        self._doomed: list[Path] = []  # version folders to remove once the manifest is saved
         shutil.rmtree(self._staging_root, ignore_errors=True)
         self._save()
 
@@ -202,10 +224,11 @@ class AdapterSyncer:
                 sources.append({
                     "uri": spec.uri, "adapter_id": spec.adapter_id, "adapters": len(spec.adapters),
                     "reachable": health.failures == 0, "failures": health.failures,
+                    "suspect_missing": len(self._suspect.get(key, ())),
                     "last_error": health.last_error,
                     "last_success_at": health.last_success_at.isoformat() if health.last_success_at else None,
                 })
-            degraded = any(not s["reachable"] for s in sources)
+            degraded = any(not s["reachable"] or s["suspect_missing"] for s in sources)
             return {
                 "status": "degraded" if degraded else "ok",
                 "adapters": len(self.registry),
@@ -279,7 +302,7 @@ class AdapterSyncer:
             record = self.registry.get(adapter_id)
             self.registry.mark_deleted(adapter_id)
             self._release(adapter_id)
-            shutil.rmtree(adapter_dir(self._versions_root, adapter_id), ignore_errors=True)
+            self._doomed.append(adapter_dir(self._versions_root, adapter_id))
             if record.merge_recipe is not None:  # the merge's own files: nothing else reads them
                 self._remove_merged(record)
             self._save()
@@ -460,16 +483,45 @@ class AdapterSyncer:
         version = record.serving
         folder = self._version_folder(adapter_id, version.version)
         if not folder.is_dir():
-            owner = self._owner(adapter_id)
-            if owner is not None:
-                self._sync_spec(owner, True, SyncReport())
-                self._save()
-            record = self.registry.get(adapter_id)
-            if record.serving is None or not self._version_folder(adapter_id, record.serving.version).is_dir():
-                raise SourceUnavailableError(f"the serving copy of {adapter_id!r} is gone and could not be fetched again")
-            version = record.serving
-            folder = self._version_folder(adapter_id, version.version)
+            self._fetch_serving_again(record)
         return version, folder
+
+    def _fetch_serving_again(self, record: AdapterRecord) -> None:
+        """Fetch the serving version's copy (gone: a store moved to another node) from its own
+        location only, never a whole root. A source that now holds another version gets its next
+        sync at once, which registers and announces it; this caller gets 503. The message names
+        only this adapter: a tenant reads it."""
+        adapter_id, version = record.adapter_id, record.serving.version
+        retry = f"the stored copy of {adapter_id!r} is being fetched again; retry shortly"
+        owner = self._owner(adapter_id)
+        if owner is None:
+            raise SourceUnavailableError(f"the stored copy of {adapter_id!r} is gone and it has no source")
+        self._health[owner.key].next_attempt_s = 0.0
+        try:
+            source = self._build_source(record.source_uri, owner.options, adapter_id)
+            remote = source.list_adapters().get(adapter_id)
+            if remote is None or remote.version != version:
+                raise SourceUnavailableError(f"{record.source_uri} holds another version than {version}")
+            outcome = source.fetch_many([remote], self._staging_root, max_workers=1)
+        except (LoraServeError, OSError) as error:
+            logger.warning("could not fetch the serving copy of %s again: %s", adapter_id, error)
+            raise SourceUnavailableError(retry) from None
+        if adapter_id not in outcome.fetched:
+            logger.warning("could not fetch the serving copy of %s again: %s", adapter_id, outcome.failed.get(adapter_id))
+            raise SourceUnavailableError(retry)
+        folder = outcome.fetched[adapter_id]
+        try:
+            checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
+            validate_checkpoint(checkpoint, self.geometry)
+            if checkpoint.sha256 != record.serving.sha256:
+                raise InvalidAdapterError("its files differ from the recorded sha256", "corrupt_file")
+        except Exception as error:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("the serving copy of %s fetched again is refused: %s", adapter_id, error)
+            raise SourceUnavailableError(retry) from None
+        destination = self._version_folder(adapter_id, version)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(destination)
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -499,6 +551,8 @@ class AdapterSyncer:
             if force or current is None or current.version != remote.version:
                 to_fetch.append(remote)
         outcome = source.fetch_many(to_fetch, self._staging_root, max_workers=self.config.fetch_workers)
+        # A download that failed with anything but a checkpoint's fault is retried at the next
+        # sync (backoff); it never stops the others.
         unavailable, retryable = [], False
         for adapter_id, error in sorted(outcome.failed.items()):
             if isinstance(error, InvalidAdapterError):
@@ -509,24 +563,45 @@ class AdapterSyncer:
         for adapter_id, folder in sorted(outcome.fetched.items()):
             self._validate(adapter_id, accepted[adapter_id].version, folder, report)
         gone = sorted(set(spec.adapters) - set(accepted))
-        for adapter_id in gone:
+        held = self._hold_suspect_loss(spec, gone, report)
+        for adapter_id in () if held else gone:
             owner = self._owner(adapter_id)
             if adapter_id in self.registry and owner is not None and owner.key == spec.key:
                 self.registry.mark_deleted(adapter_id)
-                shutil.rmtree(adapter_dir(self._versions_root, adapter_id), ignore_errors=True)
+                self._doomed.append(adapter_dir(self._versions_root, adapter_id))
                 report.deleted.append(adapter_id)
                 report.changes.append(AdapterChange(adapter_id, None))
-        self._specs[spec.key] = spec.model_copy(update={"adapters": sorted(accepted)})
+        listed = sorted({*accepted, *gone}) if held else sorted(accepted)
+        self._specs[spec.key] = spec.model_copy(update={"adapters": listed})
         if unavailable:
             raise (SourceUnavailableError if retryable else SourceRefusedError)("; ".join(unavailable))
+
+    def _hold_suspect_loss(self, spec: SourceSpec, gone: list[str], report: SyncReport) -> bool:
+        """True while a mass loss waits for the next listing to confirm it (the same ids gone)."""
+        lost = frozenset(gone)
+        if not is_suspect_loss(len(spec.adapters), len(lost), self.config.max_loss_share):
+            self._suspect.pop(spec.key, None)
+            return False
+        if self._suspect.get(spec.key) == lost:
+            logger.warning("source %s: the loss of %d adapters is confirmed by a second listing", spec.uri, len(lost))
+            self._suspect.pop(spec.key)
+            return False
+        self._suspect[spec.key] = lost
+        report.suspect[spec.key] = sorted(lost)
+        logger.warning("source %s lists %d of its %d adapters: held as suspect (nothing deleted) until the next "
+                       "listing confirms it", spec.uri, len(spec.adapters) - len(lost), len(spec.adapters))
+        return True
 
     def _validate(self, adapter_id: str, version: str, folder: Path, report: SyncReport) -> None:
         try:
             checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
             validate_checkpoint(checkpoint, self.geometry)
-        except InvalidAdapterError as error:
+            summary = AdapterConfigSummary.from_checkpoint(checkpoint)
+        except Exception as error:  # one bad checkpoint rejects itself, never the rest of the sync
+            if not isinstance(error, InvalidAdapterError):
+                logger.exception("adapter %s: version %s could not be read", adapter_id, version)
             shutil.rmtree(folder, ignore_errors=True)
-            self._reject(adapter_id, version, error, report)
+            self._reject(adapter_id, version, _as_invalid(error), report)
             return
         destination = self._version_folder(adapter_id, version)
         destination.parent.mkdir(parents=True, exist_ok=True)
@@ -534,7 +609,7 @@ class AdapterSyncer:
         folder.rename(destination)
         before = self.registry.get(adapter_id).serving
         record = self.registry.record_ready(
-            adapter_id, version, checkpoint.sha256, checkpoint.size_bytes, AdapterConfigSummary.from_checkpoint(checkpoint),
+            adapter_id, version, checkpoint.sha256, checkpoint.size_bytes, summary,
             probe=checkpoint.probe,
         )
         self._remove_unkept_versions(record)
@@ -558,7 +633,7 @@ class AdapterSyncer:
         folder = adapter_dir(self._versions_root, record.adapter_id)
         for old in folder.iterdir() if folder.is_dir() else ():
             if old.name not in kept:
-                shutil.rmtree(old, ignore_errors=True)
+                self._doomed.append(old)
 
     def _version_folder(self, adapter_id: str, version: str) -> Path:
         return adapter_dir(self._versions_root, adapter_id) / _version_folder_name(version)
@@ -572,18 +647,21 @@ class AdapterSyncer:
     def _source_for(self, spec: SourceSpec) -> AdapterSource:
         source = self._sources.get(spec.key)
         if source is None:
-            options: dict[str, Any] = dict(spec.options)
-            scheme = spec.uri.split("://", 1)[0] if "://" in spec.uri else "file"
-            accepted = source_options(scheme)
-            if "retry" in accepted:
-                options.setdefault("retry", STORE_RETRY)
-            if "show_progress" in accepted:
-                options.setdefault("show_progress", self.config.show_progress)
-            if spec.adapter_id is not None:
-                options["adapter_id"] = spec.adapter_id
-            source = self._source_factory(spec.uri, **options)
+            source = self._build_source(spec.uri, spec.options, spec.adapter_id)
             self._sources[spec.key] = source
         return source
+
+    def _build_source(self, uri: str, spec_options: dict[str, Any], adapter_id: Optional[str]) -> AdapterSource:
+        options: dict[str, Any] = dict(spec_options)
+        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+        accepted = source_options(scheme)
+        if "retry" in accepted:
+            options.setdefault("retry", STORE_RETRY)
+        if "show_progress" in accepted:
+            options.setdefault("show_progress", self.config.show_progress)
+        if adapter_id is not None:
+            options["adapter_id"] = adapter_id
+        return self._source_factory(uri, **options)
 
     def _release(self, adapter_id: str, keep: Optional[str] = None) -> None:
         """No source but `keep` serves `adapter_id` any more: its single-adapter spec is dropped,
@@ -605,8 +683,13 @@ class AdapterSyncer:
         self._sources.pop(key, None)
 
     def _save(self) -> None:
+        """The manifest, then the version folders it no longer names (a crash in between leaves
+        only unused folders, never a manifest pointing at nothing)."""
         manifest = Manifest(records=self.registry.to_manifest().records, sources=list(self._specs.values()))
         save_manifest(manifest, self.manifest_path)
+        doomed, self._doomed = self._doomed, []
+        for folder in doomed:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _about(spec: SourceSpec, error: SourceError) -> SourceError:

@@ -27,6 +27,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass as validated_dataclass
 
+from deployments.request_limits import LIMITS
+
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "DEFAULT_TOP_P",
@@ -57,12 +59,12 @@ __all__ = [
     "WeightedAdapter",
 ]
 
-MAX_STOP_STRINGS = 8
-MAX_STOP_TOKEN_IDS = 64
+MAX_STOP_STRINGS = LIMITS.max_stop_strings
+MAX_STOP_TOKEN_IDS = LIMITS.max_stop_token_ids
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**63 - 1
-MAX_COMBINED_ADAPTERS = 8
+MAX_COMBINED_ADAPTERS = LIMITS.max_combined_adapters
 MAX_COMBINATION_WEIGHT = 100.0
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's and vLLM's; pass 0 for greedy decoding
 DEFAULT_TOP_P = 1.0
@@ -71,7 +73,7 @@ Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, description="0 
 TopP = Annotated[float, Field(gt=0.0, le=1.0, description="nucleus sampling mass")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="makes sampling reproducible")]
 TokenCount = Annotated[int, Field(ge=1)]
-StopString = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=LIMITS.max_stop_string_chars)]
 StopStrings = Annotated[tuple[StopString, ...], Field(max_length=MAX_STOP_STRINGS)]
 TopK = Annotated[int, Field(ge=-1, description="keep the k most likely tokens; 0 or -1: all (vLLM's)")]
 MinTokens = Annotated[int, Field(ge=0, description="tokens generated before an end token or stop id may end the row")]

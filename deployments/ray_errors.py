@@ -1,9 +1,12 @@
 """Errors that come back through Ray, turned back into the service's typed errors.
 
 A replica's (or the store's) typed error crosses Ray wrapped in a `RayTaskError` (the errors pickle
-by design, `lora_core.errors`); a full replica queue is Ray Serve's `BackPressureError`. `typed_ray_errors()` is the one place that unwraps them, used
-by the ingress around replica and store calls and by replicas around store calls. No HTTP here:
-the mapping to HTTP is `deployments.http_errors`.
+by design, `lora_core.errors`); a full replica queue is Ray Serve's `BackPressureError`; a dead or
+restarting actor is one of Ray's actor, worker or node errors. `typed_ray_errors()` is the one place
+that turns them into typed errors, used by the ingress around replica and store calls and by
+replicas around store calls. An untyped remote failure is logged in full and answered with its
+type only: a message may hold another tenant's ids or paths. No HTTP here: the mapping to HTTP is
+`deployments.http_errors`.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
-from ray.exceptions import RayTaskError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
-from lora_core.errors import LoraServeError, OverloadedError
+from lora_core.errors import LoraServeError, OverloadedError, ReplicaUnavailableError
 
 __all__ = ["RETRY_AFTER_S", "typed_ray_errors", "unwrap_ray_error"]
 
@@ -36,15 +39,21 @@ def typed_ray_errors(what: str = "a replica") -> Iterator[None]:
     anything else the remote side raised as a 500 that names its type."""
     # Here, not at the top: importing `ray.serve` loads FastAPI, which replica-side users of
     # `unwrap_ray_error` (the store subscription) must not pull in.
-    from ray.serve.exceptions import BackPressureError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    from ray.serve.exceptions import ReplicaUnavailableError as ServeReplicaUnavailableError
 
     try:
         yield
-    except BackPressureError as error:
-        raise OverloadedError(f"every replica is at its queue limit; retry shortly ({error})", RETRY_AFTER_S) from None
+    except BackPressureError:
+        raise OverloadedError("every replica is at its queue limit; retry shortly", RETRY_AFTER_S) from None
     except RayTaskError as wrapped:
         error = unwrap_ray_error(wrapped)
         if isinstance(error, LoraServeError):
             raise error from None
         logger.error("%s failed: %s", what, wrapped)
-        raise LoraServeError(f"{what} failed: {type(error).__name__}: {error}") from None
+        raise LoraServeError(f"{what} failed ({type(error).__name__}); the server's log has the details") from None
+    except (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, ServeReplicaUnavailableError,
+            DeploymentUnavailableError) as gone:
+        logger.warning("%s is unavailable: %s: %s", what, type(gone).__name__, gone)
+        raise ReplicaUnavailableError(f"{what} is unavailable (it stopped or is restarting); retry shortly",
+                                      RETRY_AFTER_S) from None

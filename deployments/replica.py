@@ -173,6 +173,7 @@ class LoraReplica:
     # ---- requests (called through a DeploymentHandle by the ingress) ----------------------------
 
     async def generate(self, request: GenerationRequest) -> GenerationChunk:
+        request = await self._tokenized(request)
         handle = self._require_engine().submit(request)  # on the replica's event loop, which gets its events
         try:
             return await handle.aresult()
@@ -180,9 +181,19 @@ class LoraReplica:
             handle.cancel()
             raise
 
+    async def _tokenized(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with its prompt tokenized on a worker thread: a 200,000-character prompt
+        takes tens of milliseconds to tokenize, and on the event loop it would stall every other
+        row's tokens and the routing stats."""
+        if request.prompt_ids is not None or (request.prompt is None) == (request.messages is None):
+            return request  # the engine's own check answers a malformed one
+        ids = await asyncio.to_thread(self._require_engine().encode, request.prompt, request.messages)
+        return dataclasses.replace(request, prompt=None, messages=None, prompt_ids=tuple(ids))
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Yield text deltas; the last one has `finish_reason` and the token counts. Errors the
         engine finds at submit (limits, unknown adapter) raise before the first yield."""
+        request = await self._tokenized(request)
         handle = self._require_engine().submit(request)
         finished = False
         try:

@@ -44,7 +44,7 @@ import asyncio
 import logging
 import math
 import time
-from typing import AsyncIterator, Callable, Literal
+from typing import AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Header
 from fastapi.responses import StreamingResponse
@@ -54,10 +54,12 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from adapters_store.client import StoreLookup
 from adapters_store.merge_spec import MergeSpec
 from deployments import http_errors
+from deployments.body_limit import BodySizeLimit
 from deployments.contracts import Combination, GenerationChunk, GenerationRequest
 from deployments.deploy_config import RouterSettings, RouterUserConfig
 from deployments.metrics import IngressMetrics, adapter_label
 from deployments.ray_errors import typed_ray_errors
+from deployments.request_limits import LIMITS
 from deployments.schemas.admin import DisableRequest, PinRequest, RegisterAdapterRequest, RegisterSourceRequest
 from deployments.schemas.openai import (
     ChatCompletionRequest,
@@ -76,6 +78,7 @@ from lora_core.errors import (
     InvalidAdapterIdError,
     InvalidRequestError,
     LoraServeError,
+    ReplicaUnavailableError,
     ServiceUnavailableError,
 )
 
@@ -86,9 +89,13 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 10.0
 DISABLED_REFRESH_S = 1.0
 STORE_LOOKUP_TIMEOUT_S = 5.0
+REPLICA_RETRIES = 3
+REPLICA_RETRY_DELAY_S = 0.25
+T = TypeVar("T")
 
 app = FastAPI(title="lora-serve", description="OpenAI-compatible completions over many LoRA adapters on one base model")
 http_errors.install(app)
+app.add_middleware(BodySizeLimit, max_body_bytes=LIMITS.max_body_bytes)
 
 
 # ---- callers --------------------------------------------------------------------------------
@@ -146,11 +153,30 @@ async def _server_sent_events(
     except LoraServeError as error:  # the headers are out: the error becomes the last event
         finished, status = True, error.status_code
         yield sse_event(error.to_json())
+    except Exception:
+        logger.exception("a stream failed")
+        finished, status = True, 500
+        yield sse_event(LoraServeError("the stream failed; the server's log has the details").to_json())
     finally:
         if not finished:  # the client went away: stop generating on the replica
             rest.cancel()
         on_done(status, result)
     yield sse_event("[DONE]")
+
+
+async def _on_a_live_replica(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, again on another replica while the one it reached died or is restarting (Serve's
+    router stops picking a dead replica); a generation has no side effects, so a retry is safe."""
+    for attempt in range(REPLICA_RETRIES + 1):
+        try:
+            with typed_ray_errors():
+                return await call()
+        except ReplicaUnavailableError:
+            if attempt == REPLICA_RETRIES:
+                raise
+            logger.warning("a replica died under a request; retrying (%d of %d)", attempt + 1, REPLICA_RETRIES)
+            await asyncio.sleep(REPLICA_RETRY_DELAY_S * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 # ---- the deployment --------------------------------------------------------------------------
@@ -332,8 +358,8 @@ class Router:
             request = self._generation_request(body, caller, await self._disabled_adapters())
             if body.stream:
                 return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant, started_s)
-            with typed_ray_errors():
-                result: GenerationChunk = await self._replicas_for(request).generate.remote(request)
+            result: GenerationChunk = await _on_a_live_replica(
+                lambda: self._replicas_for(request).generate.remote(request))
         except LoraServeError as error:
             self.metrics.request_done(tenant, adapter_label(request, error.status_code), error.status_code,
                                       time.perf_counter() - started_s)
@@ -384,13 +410,18 @@ class Router:
 
     async def _stream(self, request: GenerationRequest, fmt: StreamFormat, tenant: str,
                       started_s: float) -> StreamingResponse:
-        responses: DeploymentResponseGenerator = self._replicas_for(request).options(stream=True).stream.remote(request)
-        try:
-            with typed_ray_errors():
-                first = await responses.__anext__()
-        except BaseException:
-            responses.cancel()
-            raise
+        responses: DeploymentResponseGenerator | None = None
+
+        async def first_chunk() -> GenerationChunk:
+            nonlocal responses
+            responses = self._replicas_for(request).options(stream=True).stream.remote(request)
+            try:
+                return await responses.__anext__()
+            except BaseException:
+                responses.cancel()
+                raise
+
+        first = await _on_a_live_replica(first_chunk)  # nothing sent yet: a dead replica is retried
         ttft_s = time.perf_counter() - started_s
 
         def done(status: int, last: GenerationChunk) -> None:

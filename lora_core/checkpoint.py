@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
@@ -64,6 +64,20 @@ class PeftLoraConfig(BaseModel):
     modules_to_save: list[str] | None = None
     layer_replication: list | None = None
     alora_invocation_tokens: list[int] | None = None
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, patterns: dict[str, float]) -> dict[str, float]:
+        """PEFT matches each key as a regex and divides by each rank: a key that is not a regex
+        or a value <= 0 would fail only later, mid-sync or mid-swap."""
+        for pattern, value in patterns.items():
+            if not value > 0:
+                raise ValueError(f"pattern {pattern!r} has {value!r}; ranks and alphas must be > 0")
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {error}") from None
+        return patterns
 
     def rank_for(self, module_name: str) -> int:
         return self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)

@@ -8,13 +8,15 @@
     ├── AdapterNotFoundError            404  no such adapter (or not visible to the caller)
     ├── AdapterExistsError              409  a create (a named merge) for an id already registered
     ├── AdapterDisabledError            409  an adapter an admin disabled (registered, not served)
+    ├── PayloadTooLargeError            413  a request body over `max_body_bytes`
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
     ├── InvalidRequestBodyError         422  a body that does not parse or validate; `details` per field
     ├── OverloadedError                 503  every replica's queue is full (Retry-After)
     ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
     ├── EngineClosedError               503  the engine was shut down
     ├── SwapValidationError             503  a new version failed its check after a swap (rolled back)
-    ├── ServiceUnavailableError         503  no replica answers (/healthz), or a replica died mid-call
+    ├── ServiceUnavailableError         503  no replica answers (/healthz), or the store restarts (Retry-After)
+    │   └── ReplicaUnavailableError     503      the replica called died or is restarting (Retry-After)
     ├── SourceError                          a source of adapters failed:
     │   ├── SourceUnavailableError      503      it could not be reached or answered 5xx: retry later
     │   └── SourceRefusedError          400      it answered "no": no such bucket / repo / revision,
@@ -48,6 +50,8 @@ __all__ = [
     "ManifestError",
     "ManifestVersionError",
     "OverloadedError",
+    "PayloadTooLargeError",
+    "ReplicaUnavailableError",
     "ServiceUnavailableError",
     "SlotsExhaustedError",
     "SourceError",
@@ -121,6 +125,11 @@ class AdapterDisabledError(LoraServeError):
     code = "adapter_disabled"
 
 
+class PayloadTooLargeError(LoraServeError):
+    status_code = 413
+    code = "body_too_large"
+
+
 class InvalidAdapterError(LoraServeError):
     """A checkpoint refused before anything was copied; `reason` is one of `REASONS`."""
 
@@ -139,6 +148,7 @@ class InvalidAdapterError(LoraServeError):
         "shape_mismatch",
         "non_finite",
         "too_large",
+        "unreadable",
     )
 
     def __init__(self, message: str, reason: str) -> None:
@@ -202,10 +212,23 @@ class SwapValidationError(LoraServeError):
 
 
 class ServiceUnavailableError(LoraServeError):
-    """No replica answered in time, or the one called died: the service cannot answer now."""
+    """No replica answered in time, or the store cannot answer now; retry after `retry_after_s`."""
 
     status_code = 503
     code = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class ReplicaUnavailableError(ServiceUnavailableError):
+    """The replica called died or is restarting (a non-streaming request was retried first)."""
+
+    code = "replica_unavailable"
 
 
 class SourceError(LoraServeError):

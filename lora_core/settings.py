@@ -85,6 +85,9 @@ class StoreConfig(BaseModel):
     sources: list[SourceInput] = Field(default_factory=list, description="watched from the start")
     sync_interval_s: float = Field(5.0, gt=0, le=86400, description="each source is listed this often")
     max_backoff_s: float = Field(60.0, gt=0, description="longest wait before retrying an unreachable source")
+    max_loss_share: float = Field(0.5, ge=0, le=1, description="a listing that loses more than this share of a "
+                                  "source's adapters at once is held as suspect, and they keep serving, until "
+                                  "the next listing confirms the loss (an unmounted folder, a copy in progress)")
     fetch_workers: int = Field(4, ge=1, le=64, description="parallel downloads per sync")
     show_progress: bool = Field(False, description="progress bars for downloads (a terminal: the CLI, a job)")
     keep_versions: int = Field(2, ge=1, le=100, description="good versions kept per adapter: the serving one and "

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol, TypeVar, run
 from tqdm import tqdm
 
 from lora_core.adapter_ids import adapter_dir
-from lora_core.errors import InvalidAdapterError, LoraServeError, SourceError
+from lora_core.errors import InvalidAdapterError, LoraServeError, SourceError, SourceUnavailableError
 from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES, PROBE_FILE
 
 logger = logging.getLogger("adapters_store.sources")
@@ -216,8 +216,9 @@ class ParallelFetch:
     ) -> FetchOutcome:
         """Fetch each adapter into `<dest_root>/<tenant>/<name>`, `max_workers` at a time.
 
-        Typed errors (source down, missing file) are collected per adapter; anything else is a bug
-        and is raised once every download has finished."""
+        Typed errors (source down, missing file) are collected per adapter; anything else (a
+        client library's own exception) is collected as the source being unavailable, so one
+        adapter's download never stops the others'.""" 
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         adapters = list(adapters)
@@ -233,4 +234,7 @@ class ParallelFetch:
                 fetched[adapter_id] = future.result()
             except LoraServeError as error:
                 failed[adapter_id] = error
+            except Exception as error:
+                logger.exception("fetching %s failed", adapter_id)
+                failed[adapter_id] = SourceUnavailableError(f"fetching {adapter_id} failed: {type(error).__name__}")
         return FetchOutcome(fetched, failed)

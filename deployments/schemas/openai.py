@@ -46,6 +46,7 @@ from deployments.contracts import (
     TopK,
     TopP,
 )
+from deployments.request_limits import LIMITS
 
 __all__ = [
     "ChatCompletionRequest",
@@ -86,7 +87,8 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, description="an adapter id, or the base model's name for no adapter")
+    model: str = Field(min_length=1, max_length=LIMITS.max_model_chars,
+                       description="an adapter id, or the base model's name for no adapter")
     temperature: Temperature = DEFAULT_TEMPERATURE
     top_p: TopP = DEFAULT_TOP_P
     seed: Seed | None = None
@@ -99,7 +101,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: RepetitionPenalty = 1.0
     stop_token_ids: StopTokenIds | None = None
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="choices per request; only 1 is supported")
+    n: int = Field(1, ge=1, le=LIMITS.max_choices, description="choices per request; only 1 is supported")
     adapters: list[AdapterWeight] | None = Field(
         None, min_length=1, max_length=MAX_COMBINED_ADAPTERS,
         description="run on these adapters at once, each delta times its weight (`model`: the base model's name)",
@@ -141,7 +143,7 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """`POST /v1/completions`."""
 
-    prompt: str = Field(min_length=1, description="the text to continue")
+    prompt: str = Field(min_length=1, max_length=LIMITS.max_prompt_chars, description="the text to continue")
     max_tokens: int = Field(16, ge=1, description="tokens to generate at most (OpenAI's default: 16)")
 
     def to_generation_request(self, adapter_id: str | None, combination: Combination | None = None) -> GenerationRequest:
@@ -170,9 +172,18 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     """`POST /v1/chat/completions`."""
 
-    messages: list[ChatMessage] = Field(min_length=1, description="the conversation so far")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=LIMITS.max_messages,
+                                        description="the conversation so far")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most; default: up to the limit")
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens; wins")
+
+    @field_validator("messages")
+    @classmethod
+    def _text_within_the_limit(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        chars = sum(len(message.to_turn().content) for message in messages)
+        if chars > LIMITS.max_prompt_chars:
+            raise ValueError(f"the messages hold {chars} characters; at most {LIMITS.max_prompt_chars}")
+        return messages
 
     def to_generation_request(self, adapter_id: str | None, combination: Combination | None = None) -> GenerationRequest:
         sampling = self._sampling(self.max_completion_tokens or self.max_tokens)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from benchmarks.common import wait_until
+from deployments.request_limits import LIMITS
 from deployments.tenants import OPEN_ACCESS_WARNING
 from tests.support.ray_cluster import local_ray
 
@@ -215,6 +216,15 @@ BAD_REQUESTS = [
     ("65 stop_token_ids", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "stop_token_ids": list(range(65))}, 422, "invalid_request_body"),
     ("min_tokens over max_tokens", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "invalid_request"),
     ("ignore_eos not a bool", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "ignore_eos": "sometimes"}, 422, "invalid_request_body"),
+    # the request limits (deployments.request_limits)
+    ("body over 1 MiB", "/v1/completions", {"model": BASE_MODEL, "prompt": "x" * (LIMITS.max_body_bytes + 1)}, 413, "body_too_large"),
+    ("prompt over max_prompt_chars", "/v1/completions", {"model": BASE_MODEL, "prompt": "x" * (LIMITS.max_prompt_chars + 1)}, 422, "invalid_request_body"),
+    ("257 messages", "/v1/chat/completions", {"model": BASE_MODEL, "messages": CHAT["messages"] * (LIMITS.max_messages + 1)}, 422, "invalid_request_body"),
+    ("a stop string over 256 chars", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "stop": ["s" * 257]}, 422, "invalid_request_body"),
+    ("max_tokens negative", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "max_tokens": -1}, 422, "invalid_request_body"),
+    ("max_tokens huge", "/v1/completions", {"model": BASE_MODEL, "prompt": "hi", "max_tokens": 10**30}, 400, "invalid_request"),
+    ("a model id with path tricks", "/v1/completions", {"model": "acme/../globex/poet", "prompt": "hi"}, 404, "adapter_not_found"),
+    ("model over 256 chars", "/v1/completions", {"model": "m" * 300, "prompt": "hi"}, 422, "invalid_request_body"),
 ]
 
 
@@ -239,9 +249,10 @@ def test_vllm_extensions_reach_the_engine(http):
     assert top_one["choices"][0]["text"] == greedy["choices"][0]["text"]
 
 
-def test_a_body_that_is_not_json_is_422(http):
-    response = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422
+@pytest.mark.parametrize("content", [b"{not json", b'{"model": "\xff\xfe", "prompt": "hi"}', b"", b"[]", b"null"])
+def test_a_body_that_is_not_a_json_object_is_422(http, content):
+    response = http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
     assert response.json()["error"]["type"] == "invalid_request_body"
 
 
@@ -263,6 +274,61 @@ def replica_stats(rounds: int = 8) -> list[dict]:
 
     handle = serve.get_deployment_handle("LoraReplica", app_name="lora-serve")
     return [handle.stats.remote().result() for _ in range(rounds)]
+
+
+def test_a_replica_killed_under_load_fails_no_plain_request_and_ends_every_stream(served):
+    """Six callers send plain and streamed completions while one of the two replicas is killed:
+    every plain request is answered 200 (retried on the other replica), every stream ends with
+    `[DONE]` (an error event before it if the replica died mid-stream), and Serve replaces it."""
+    import threading
+
+    import ray
+
+    replicas = [name for name in ray.util.list_named_actors(all_namespaces=True)
+                if "LoraReplica" in name["name"]]
+    assert len(replicas) == 2, replicas
+    stop = threading.Event()
+    plain: list[int] = []
+    streams: list[list] = []
+    failures: list[str] = []
+
+    def caller(index: int) -> None:
+        with httpx.Client(base_url=BASE_URL, timeout=60) as client:
+            sent = 0
+            while not stop.is_set():
+                sent += 1  # both adapters from every caller: each replica has requests in flight
+                body = {"model": ADAPTERS[sent % 2], "prompt": "Once upon a time", "max_tokens": MAX_NEW_TOKENS}
+                try:
+                    if index % 2:
+                        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                            response.read()
+                            streams.append(sse_events(response) if response.status_code == 200
+                                           else [response.status_code, response.text])
+                    else:
+                        response = client.post("/v1/completions", json=body)
+                        plain.append(response.status_code)
+                        if response.status_code != 200:
+                            failures.append(response.text)
+                except Exception as error:  # a cut connection or a stream without [DONE]
+                    failures.append(repr(error))
+
+    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    ray.kill(victim, no_restart=True)
+    time.sleep(8)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    assert plain and streams and not failures, failures[:3]
+    assert set(plain) == {200}
+    for events in streams:
+        assert isinstance(events[0], dict), events  # 200 and an event stream ending in [DONE]
+        assert all("error" not in e or e["error"]["type"] == "replica_unavailable" for e in events), events
+    wait_until(lambda: len({s["replica_id"] for s in replica_stats()}) == 2, 90,
+               "Serve to replace the killed replica", interval_s=1)
 
 
 def test_a_deploy_that_changes_only_the_adapters_reconfigures_in_place(served, http, adapter_folders):

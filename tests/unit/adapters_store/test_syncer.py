@@ -62,6 +62,9 @@ def test_a_new_version_is_picked_up_and_a_bad_one_keeps_the_old_serving(tmp_path
     ("pickle", "pickle_file"),
     ("no_config", "missing_file"),
     ("corrupt", "corrupt_file"),
+    ("rank_pattern_zero", "invalid_config"),
+    ("rank_pattern_not_a_regex", "invalid_config"),
+    ("not_utf8", "invalid_config"),
 ])
 
 def test_bad_checkpoints_are_recorded_with_their_reason(tmp_path, geometry, place, breakage, reason):
@@ -80,6 +83,12 @@ def test_bad_checkpoints_are_recorded_with_their_reason(tmp_path, geometry, plac
             (folder / "adapter_config.json").unlink()
         elif breakage == "corrupt":
             (folder / WEIGHTS).write_bytes(b"not safetensors at all")
+        elif breakage == "rank_pattern_zero":
+            edit_adapter_config(folder, rank_pattern={"q_proj": 0})
+        elif breakage == "rank_pattern_not_a_regex":
+            edit_adapter_config(folder, rank_pattern={"q_proj(": 4})
+        elif breakage == "not_utf8":
+            (folder / "adapter_config.json").write_bytes(b"\xff\xfe not UTF-8 {")
     place(tmp_path / "src" / "acme" / "good")
     syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
     report = syncer.sync()
@@ -90,6 +99,27 @@ def test_bad_checkpoints_are_recorded_with_their_reason(tmp_path, geometry, plac
     with pytest.raises(AdapterNotFoundError, match="no valid version"):
         syncer.serving_checkpoint("acme/bad")
 
+def test_an_unexpected_exception_rejects_only_its_adapter_and_the_sync_goes_on(tmp_path, geometry, place, monkeypatch):
+    import adapters_store.syncer as syncer_module
+
+    place(tmp_path / "src" / "acme" / "bad")
+    place(tmp_path / "src" / "acme" / "good", seed=1)
+    real = syncer_module.validate_checkpoint
+
+    def flaky(checkpoint, geometry):
+        if checkpoint.sha256 == bad_sha[0]:
+            raise KeyError("a bug in a check")
+        return real(checkpoint, geometry)
+
+    bad_sha = [syncer_module.read_checkpoint(tmp_path / "src" / "acme" / "bad").sha256]
+    monkeypatch.setattr(syncer_module, "validate_checkpoint", flaky)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    report = syncer.sync()
+    assert syncer.record("acme/bad").current.reason_code == "unreadable" and "KeyError" in report.rejected["acme/bad"]
+    assert syncer.record("acme/good").status == "ready" and [c.adapter_id for c in report.changes] == ["acme/good"]
+    assert syncer.sync().rejected == {}  # the rejected version is not fetched again every sync
+
+
 def test_removed_adapters_are_deleted_and_bad_ids_skipped(tmp_path, geometry, place):
     place(tmp_path / "src" / "acme" / "pirate")
     place(tmp_path / "src" / "acme" / "Bad..Name")
@@ -97,11 +127,63 @@ def test_removed_adapters_are_deleted_and_bad_ids_skipped(tmp_path, geometry, pl
     report = syncer.sync()
     assert report.registered == ["acme/pirate"] and any("Bad..Name" in where for where in report.skipped)
     shutil.rmtree(tmp_path / "src" / "acme" / "pirate")
+    held = syncer.sync()  # the only adapter gone: suspect until a second listing says the same
+    assert held.deleted == [] and list(held.suspect.values()) == [["acme/pirate"]]
+    assert syncer.record("acme/pirate").status == "ready" and syncer.status()["status"] == "degraded"
     report = syncer.sync()
     assert report.deleted == ["acme/pirate"] and report.changes == [AdapterChange("acme/pirate", None)]
     with pytest.raises(AdapterNotFoundError):
         syncer.record("acme/pirate")
     assert syncer.record("acme/pirate", include_deleted=True).deleted
+    assert syncer.status()["status"] == "ok"
+
+
+def test_an_empty_listing_deletes_nothing_until_confirmed_and_a_partial_loss_is_not_held(tmp_path, geometry, place):
+    """An unmounted folder or an `rm -rf && cp` in progress lists (nearly) nothing: held, every
+    adapter serving; the folder back, nothing happened. Losing one of four is a real delete."""
+    names = ["a", "b", "c", "d"]
+    for seed, name in enumerate(names):
+        place(tmp_path / "src" / "acme" / name, seed=seed % 2)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    (tmp_path / "src").rename(tmp_path / "away")
+    (tmp_path / "src").mkdir()
+    held = syncer.sync()
+    assert held.deleted == [] and held.changes == [] and held.suspect
+    assert all(syncer.serving_checkpoint(f"acme/{n}") for n in names)  # copies kept and serving
+    (tmp_path / "src").rmdir()
+    (tmp_path / "away").rename(tmp_path / "src")
+    back = syncer.sync()
+    assert back.deleted == [] and back.changes == [] and not back.suspect
+    shutil.rmtree(tmp_path / "src" / "acme" / "d")
+    assert syncer.sync().deleted == ["acme/d"]  # 1 of 4 is under max_loss_share: not held
+    for name in ["a", "b", "c"]:
+        shutil.rmtree(tmp_path / "src" / "acme" / name)
+    assert syncer.sync().deleted == [] and syncer.sync().deleted == ["acme/a", "acme/b", "acme/c"]
+
+
+def test_version_folders_are_removed_only_after_the_manifest_is_saved(tmp_path, geometry, place, monkeypatch):
+    """A crash while saving the manifest leaves the old folders: the manifest on disk still
+    points at something."""
+    import adapters_store.syncer as syncer_module
+
+    folder = place(tmp_path / "src" / "acme" / "pirate")
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}], keep_versions=1)
+    syncer.sync()
+    first = syncer.record("acme/pirate").serving.version
+    first_folder = syncer._version_folder("acme/pirate", first)
+    place(folder, seed=1)
+
+    def crash(manifest, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(syncer_module, "save_manifest", crash)
+    with pytest.raises(OSError, match="disk full"):
+        syncer.sync()
+    assert first_folder.is_dir()  # what the saved manifest names is still there
+    monkeypatch.undo()
+    syncer.sync()
+    assert not first_folder.is_dir() and syncer.serving_checkpoint("acme/pirate")[0] != first
 
 def test_admin_delete_is_not_undone_by_the_next_sync(tmp_path, geometry, place):
     place(tmp_path / "src" / "acme" / "pirate")
@@ -299,3 +381,26 @@ def test_config_pins_join_admin_pins_the_larger_count_winning_and_follow_a_deplo
     assert syncer.pins() == {"acme/pirate": 2, "acme/poet": 1}
     assert syncer.apply_config(syncer.config.model_copy(update={"pins": {}})) == ["pins"]
     assert syncer.pins() == {"acme/poet": 1}
+
+
+def test_a_lost_serving_copy_is_fetched_from_its_own_folder_never_a_whole_root(tmp_path, geometry, place):
+    """A store moved to another node has no copies: a cold request fetches that one adapter.
+    Another adapter's new version is left for the sync, which announces it."""
+    place(tmp_path / "src" / "acme" / "pirate")
+    other = place(tmp_path / "src" / "globex" / "secret", seed=1)
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    syncer.sync()
+    secret_before = syncer.record("globex/secret").serving.version
+    shutil.rmtree(tmp_path / "store" / "versions")
+    place(other, seed=0)  # a new version of globex/secret waits in the source
+    version, _, checkpoint = syncer.serving_checkpoint("acme/pirate")
+    assert version == syncer.record("acme/pirate").serving.version
+    assert checkpoint.sha256 == syncer.record("acme/pirate").serving.sha256
+    assert syncer.record("globex/secret").serving.version == secret_before  # not synced behind the caller's back
+    with pytest.raises(SourceUnavailableError) as refused:
+        syncer.serving_checkpoint("globex/secret")  # its source holds another version now
+    assert "globex/secret" in str(refused.value) and str(tmp_path) not in str(refused.value)
+    assert "src" in syncer.due()[0]  # that source syncs at once, and the sync announces the new version
+    report = syncer.sync()
+    assert [c.adapter_id for c in report.changes] == ["globex/secret"]
+    assert syncer.serving_checkpoint("globex/secret")[0] != secret_before

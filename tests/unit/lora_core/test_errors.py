@@ -27,13 +27,16 @@ ERROR_CLASSES = sorted(
 )
 
 
+RETRY_AFTER_CLASSES = (OverloadedError, errors.ServiceUnavailableError, errors.ReplicaUnavailableError)
+
+
 def _instances():
     """One instance per class (every reason for InvalidAdapterError), built as the service builds them."""
     for cls in ERROR_CLASSES:
         if cls is InvalidAdapterError:
             for reason in InvalidAdapterError.REASONS:
                 yield pytest.param(cls, (f"refused: {reason}", reason), id=f"{cls.__name__}-{reason}")
-        elif cls is OverloadedError:
+        elif cls in RETRY_AFTER_CLASSES:
             yield pytest.param(cls, ("every queue is full", 3), id=cls.__name__)
         elif cls is InvalidRequestBodyError:
             details = [{"loc": ["body", "model"], "msg": "Field required", "type": "missing"}]
@@ -66,6 +69,8 @@ def test_every_error_class_is_found():
         "UnauthorizedError",
         "ForbiddenError",
         "OverloadedError",
+        "ReplicaUnavailableError",
+        "PayloadTooLargeError",
     }
     assert names == set(errors.__all__)
 
@@ -85,8 +90,8 @@ def test_error_pickles_with_its_fields(cls, args, protocol):
     if cls is InvalidAdapterError:
         assert clone.reason == args[1]
         assert clone.to_json()["error"]["reason"] == args[1]
-    if cls is OverloadedError:
-        assert clone.retry_after_s == args[1]
+    if cls in RETRY_AFTER_CLASSES:
+        assert clone.retry_after_s == args[1] and clone.headers() == {"Retry-After": str(args[1])}
     if cls is InvalidRequestBodyError:
         assert clone.details == args[1] and clone.to_json()["error"]["details"] == args[1]
     assert clone.headers() == error.headers()
@@ -133,6 +138,8 @@ def test_status_codes_and_codes_are_distinct_per_class():
         "UnauthorizedError": 401,
         "ForbiddenError": 403,
         "OverloadedError": 503,
+        "ReplicaUnavailableError": 503,
+        "PayloadTooLargeError": 413,
     }
 
 
@@ -144,8 +151,9 @@ def test_invalid_adapter_error_refuses_an_unknown_reason():
 def test_headers_are_declared_on_the_error_classes():
     assert UnauthorizedError("no key").headers() == {"WWW-Authenticate": "Bearer"}
     assert OverloadedError("full", 7).headers() == {"Retry-After": "7"}
-    others = [cls for cls in ERROR_CLASSES if cls not in (UnauthorizedError, OverloadedError, InvalidAdapterError,
-                                                           InvalidRequestBodyError)]
+    assert errors.ReplicaUnavailableError("gone").headers() == {"Retry-After": "1"}
+    others = [cls for cls in ERROR_CLASSES if cls not in (UnauthorizedError, InvalidAdapterError,
+                                                           InvalidRequestBodyError, *RETRY_AFTER_CLASSES)]
     assert all(cls("x").headers() == {} for cls in others)
 
 

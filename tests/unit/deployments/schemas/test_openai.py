@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.contracts import ChatTurn, GenerationRequest, SamplingParams
+from deployments.request_limits import LIMITS
 from deployments.schemas.openai import ChatCompletionRequest, CompletionRequest, ModelList
 
 VALID = {"model": "acme/pirate", "prompt": "hi"}
@@ -31,6 +32,11 @@ def test_extra_openai_fields_are_ignored_and_defaults_follow_openai():
         {"seed": -1},
         {"stop": [""]},
         {"stop": [str(i) for i in range(9)]},
+        {"stop": ["x" * (LIMITS.max_stop_string_chars + 1)]},
+        {"stop_token_ids": list(range(LIMITS.max_stop_token_ids + 1))},
+        {"prompt": "x" * (LIMITS.max_prompt_chars + 1)},
+        {"model": "m" * (LIMITS.max_model_chars + 1)},
+        {"max_tokens": -5},
     ],
 )
 def test_out_of_bounds_fields_are_refused(changes):
@@ -63,7 +69,12 @@ def test_chat_messages_become_template_messages():
     assert bare.to_generation_request(None).params.max_tokens is None
 
 
-@pytest.mark.parametrize("body", [{"model": "m", "messages": []}, {"model": "m", "messages": [{"role": "tool", "content": "x"}]}])
+@pytest.mark.parametrize("body", [
+    {"model": "m", "messages": []},
+    {"model": "m", "messages": [{"role": "tool", "content": "x"}]},
+    {"model": "m", "messages": [{"role": "user", "content": "x"}] * (LIMITS.max_messages + 1)},
+    {"model": "m", "messages": [{"role": "user", "content": "x" * (LIMITS.max_prompt_chars // 2 + 1)}] * 2},
+])
 def test_bad_chat_bodies_are_refused(body):
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate(body)
