@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
 from deployments.autoscaling_policy import POLICY_PATH
-from deployments.deploy_config import ReplicaSettings
+from deployments.deploy_config import REQUEST_TIMEOUT_S, ReplicaSettings
 from deployments.replica import LoraReplica
 from deployments.request_router import affinity_request_router_config
 from deployments.router import Router
@@ -104,6 +104,8 @@ class AppArgs(BaseModel):
         default_factory=TenantsConfig,
         description="API keys -> tenants; required: an app with no key refuses to start unless auth: none is set",
     )
+    request_timeout_s: float = Field(
+        REQUEST_TIMEOUT_S, gt=0, description="a completion's deadline: 504 past it, and its row is freed")
     routing_stats_period_s: float = Field(
         0.5, gt=0, description="how often replicas report their warm slots and queues to the adapter-affinity router"
     )
@@ -175,6 +177,7 @@ def build_app(args: dict | None = None) -> Application:
     router_settings = {
         "base_model_name": settings.base_model_name(),
         "tenants": settings.tenants.model_dump(mode="json"),
+        "request_timeout_s": settings.request_timeout_s,
         "store": settings.replica.store.model_dump(mode="json") if settings.replica.store else None,
     }
     return router.bind(replicas.bind(settings.replica.model_dump(mode="json")), router_settings)

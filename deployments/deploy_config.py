@@ -28,6 +28,8 @@ from deployments.routing_policy import check_weight_overrides
 from deployments.tenants import TenantsConfig
 from lora_core.settings import LIVE_ENGINE_FIELDS, EngineConfig, StoreConfig
 
+REQUEST_TIMEOUT_S = 600.0
+
 __all__ = ["ReplicaSettings", "ReplicaUserConfig", "RouterSettings", "RouterUserConfig"]
 
 class ReplicaSettings(EngineConfig):
@@ -110,6 +112,8 @@ class RouterSettings(BaseModel):
     base_model_name: str = Field(min_length=1, description="the `model` value that means no adapter")
     tenants: TenantsConfig
     store: StoreConfig | None = Field(None, description="the adapter store the admin API and /v1/models use")
+    request_timeout_s: float = Field(REQUEST_TIMEOUT_S, gt=0, description="a completion's deadline: past it the "
+                                     "caller gets 504 and its row is freed (a stream ends with a 504 error event)")
 
 
 class RouterUserConfig(BaseModel):
@@ -118,16 +122,17 @@ class RouterUserConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tenants: TenantsConfig | None = Field(None, description="replaces args' tenants and keys")
+    request_timeout_s: float | None = Field(None, gt=0, description="replaces args' request_timeout_s")
 
     @model_validator(mode="before")
     @classmethod
     def _no_restart_settings(cls, user_config: Any) -> Any:
         if isinstance(user_config, Mapping) and (restart := sorted(set(user_config) & {"base_model_name", "store"})):
             raise ValueError(f"{', '.join(restart)} of the Router change under the application's args (a restart); "
-                             "its user_config changes tenants")
+                             "its user_config changes tenants and request_timeout_s")
         return user_config
 
     def applied_to(self, settings: RouterSettings) -> RouterSettings:
-        if self.tenants is None:
-            return settings
-        return settings.model_copy(update={"tenants": self.tenants})
+        changes = {name: value for name in ("tenants", "request_timeout_s")
+                   if (value := getattr(self, name)) is not None}
+        return settings.model_copy(update=changes)

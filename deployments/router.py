@@ -74,6 +74,7 @@ from lora_core.adapter_ids import parse_adapter_id
 from lora_core.errors import (
     AdapterDisabledError,
     AdapterNotFoundError,
+    DeadlineExceededError,
     ForbiddenError,
     InvalidAdapterIdError,
     InvalidRequestError,
@@ -90,6 +91,10 @@ HEALTH_TIMEOUT_S = 10.0
 DISABLED_REFRESH_S = 1.0
 STORE_LOOKUP_TIMEOUT_S = 5.0
 REPLICA_RETRIES = 3
+STORE_CALL_TIMEOUT_S = 15.0
+STORE_WRITE_TIMEOUT_S = 300.0
+STORE_DOWNLOADING_CALLS = frozenset({"register", "add_source", "sync_now", "merge"})
+STORE_RETRY_AFTER_S = 5
 REPLICA_RETRY_DELAY_S = 0.25
 T = TypeVar("T")
 
@@ -132,7 +137,7 @@ async def admin_caller(caller: Caller = Depends(current_caller)) -> Caller:
 
 async def _server_sent_events(
     first: GenerationChunk, rest: DeploymentResponseGenerator, fmt: StreamFormat,
-    on_done: Callable[[int, GenerationChunk], None],
+    on_done: Callable[[int, GenerationChunk], None], deadline_s: float,
 ) -> AsyncIterator[str]:
     """The events of one stream; `on_done(status, last chunk)` when it ends (499: the client left)."""
     finished, status = False, 499
@@ -147,11 +152,12 @@ async def _server_sent_events(
                 finished, status = True, 200
                 break
             with typed_ray_errors():
-                result = await rest.__anext__()
+                result = await _within(deadline_s - time.monotonic(), rest.__anext__())
     except StopAsyncIteration:
         finished, status = True, 200
     except LoraServeError as error:  # the headers are out: the error becomes the last event
         finished, status = True, error.status_code
+        rest.cancel()  # past the deadline, or the replica is gone: nothing more will be read
         yield sse_event(error.to_json())
     except Exception:
         logger.exception("a stream failed")
@@ -162,6 +168,16 @@ async def _server_sent_events(
             rest.cancel()
         on_done(status, result)
     yield sse_event("[DONE]")
+
+
+async def _within(timeout_s: float, work: Awaitable[T]) -> T:
+    """`work`, or DeadlineExceededError (504) once `timeout_s` has passed; the work is cancelled,
+    which Serve passes on to the replica, and the engine frees the request's row."""
+    try:
+        return await asyncio.wait_for(work, max(timeout_s, 0.0))
+    except asyncio.TimeoutError:
+        raise DeadlineExceededError("the request ran past this server's deadline (request_timeout_s); "
+                                    "ask for fewer tokens or retry") from None
 
 
 async def _on_a_live_replica(call: Callable[[], Awaitable[T]]) -> T:
@@ -200,7 +216,8 @@ class Router:
 
     def reconfigure(self, user_config: dict | None) -> None:
         """A `serve deploy` changed the Router's user_config (`deploy_config.RouterUserConfig`):
-        new tenants and keys take effect for the next request; a bad one raises and changes nothing."""
+        new tenants and keys, and the deadline, take effect for the next request; a bad one raises and
+        changes nothing."""
         settings = RouterUserConfig.model_validate(user_config or {}).applied_to(self._args)
         if settings.tenants != self.settings.tenants:
             self._use_tenants(settings.tenants)
@@ -357,9 +374,10 @@ class Router:
         try:
             request = self._generation_request(body, caller, await self._disabled_adapters())
             if body.stream:
-                return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant, started_s)
-            result: GenerationChunk = await _on_a_live_replica(
-                lambda: self._replicas_for(request).generate.remote(request))
+                return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant, started_s,
+                                          deadline_s=time.monotonic() + self.settings.request_timeout_s)
+            result: GenerationChunk = await _within(self.settings.request_timeout_s, _on_a_live_replica(
+                lambda: self._replicas_for(request).generate.remote(request)))
         except LoraServeError as error:
             self.metrics.request_done(tenant, adapter_label(request, error.status_code), error.status_code,
                                       time.perf_counter() - started_s)
@@ -403,13 +421,23 @@ class Router:
         return self._disabled
 
     async def _store_call(self, method: str, *args, **kwargs):
+        """A call to the store, with a timeout: while the store restarts Ray holds calls until it
+        is back, and a caller gets 503 + Retry-After instead of waiting. Calls that download
+        (registrations, syncs, merges) get longer, and may still finish after a 503."""
         if self.store is None:
             raise AdapterNotFoundError("this server has no adapter store (set `store` in the app's args)")
-        with typed_ray_errors("the adapter store"):
-            return await getattr(self.store.handle(), method).remote(*args, **kwargs)
+        timeout_s = STORE_WRITE_TIMEOUT_S if method in STORE_DOWNLOADING_CALLS else STORE_CALL_TIMEOUT_S
+        try:
+            with typed_ray_errors("the adapter store"):
+                return await asyncio.wait_for(getattr(self.store.handle(), method).remote(*args, **kwargs), timeout_s)
+        except asyncio.TimeoutError:
+            raise ServiceUnavailableError(
+                f"the adapter store did not answer within {timeout_s:.0f} s (it may be restarting); retry shortly"
+                + ("; the call may still finish: GET /admin/adapters shows it" if method in STORE_DOWNLOADING_CALLS else ""),
+                STORE_RETRY_AFTER_S) from None
 
     async def _stream(self, request: GenerationRequest, fmt: StreamFormat, tenant: str,
-                      started_s: float) -> StreamingResponse:
+                      started_s: float, deadline_s: float) -> StreamingResponse:
         responses: DeploymentResponseGenerator | None = None
 
         async def first_chunk() -> GenerationChunk:
@@ -421,7 +449,8 @@ class Router:
                 responses.cancel()
                 raise
 
-        first = await _on_a_live_replica(first_chunk)  # nothing sent yet: a dead replica is retried
+        # nothing sent yet: a dead replica is retried
+        first = await _within(deadline_s - time.monotonic(), _on_a_live_replica(first_chunk))
         ttft_s = time.perf_counter() - started_s
 
         def done(status: int, last: GenerationChunk) -> None:
@@ -429,7 +458,7 @@ class Router:
                                       last.prompt_tokens, last.completion_tokens, ttft_s=ttft_s)
 
         return StreamingResponse(
-            _server_sent_events(first, responses, fmt, done),
+            _server_sent_events(first, responses, fmt, done, deadline_s),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -11,6 +11,7 @@
     ├── PayloadTooLargeError            413  a request body over `max_body_bytes`
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
     ├── InvalidRequestBodyError         422  a body that does not parse or validate; `details` per field
+    ├── DeadlineExceededError           504  a completion ran past `request_timeout_s` (its row is freed)
     ├── OverloadedError                 503  every replica's queue is full (Retry-After)
     ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
     ├── EngineClosedError               503  the engine was shut down
@@ -39,6 +40,7 @@ __all__ = [
     "AdapterDisabledError",
     "AdapterExistsError",
     "AdapterNotFoundError",
+    "DeadlineExceededError",
     "EngineClosedError",
     "ForbiddenError",
     "InvalidAdapterError",
@@ -177,6 +179,11 @@ class InvalidRequestBodyError(LoraServeError):
         body = super().to_json()
         body["error"]["details"] = self.details
         return body
+
+
+class DeadlineExceededError(LoraServeError):
+    status_code = 504
+    code = "deadline_exceeded"
 
 
 class OverloadedError(LoraServeError):

@@ -331,28 +331,26 @@ def test_a_replica_killed_under_load_fails_no_plain_request_and_ends_every_strea
                "Serve to replace the killed replica", interval_s=1)
 
 
-def test_a_deploy_that_changes_only_the_adapters_reconfigures_in_place(served, http, adapter_folders):
-    """`serve deploy` with a new user_config for LoraReplica (only its adapters): the same replica processes and
-    engines (no rebuild), the new adapter serves, the dropped one is 404. Runs last: it changes
-    the app. (What `serve deploy` sends, handed to the controller without the dashboard.)"""
+def deploy(adapters: dict[str, str], router_user_config: dict | None = None) -> None:
+    """What `serve deploy` sends, handed to the controller without the dashboard."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    def deploy(adapters: dict[str, str]) -> None:
-        config = {
-            "http_options": {"host": "127.0.0.1", "port": 8000},
-            "applications": [
-                {
-                    "name": "lora-serve",
-                    "route_prefix": "/",
-                    "import_path": "deployments.app:build_app",
-                    "args": app_args({}),
-                    "deployments": [{"name": "LoraReplica", "user_config": {"adapters": adapters}}],
-                }
-            ],
-        }
-        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    deployments = [{"name": "LoraReplica", "user_config": {"adapters": adapters}}]
+    if router_user_config is not None:
+        deployments.append({"name": "Router", "user_config": router_user_config})
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [{"name": "lora-serve", "route_prefix": "/", "import_path": "deployments.app:build_app",
+                          "args": app_args({}), "deployments": deployments}],
+    }
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
 
+
+def test_a_deploy_that_changes_only_the_adapters_reconfigures_in_place(served, http, adapter_folders):
+    """`serve deploy` with a new user_config for LoraReplica (only its adapters): the same replica processes and
+    engines (no rebuild), the new adapter serves, the dropped one is 404. Runs near the end: it
+    changes the app."""
     deploy({a: adapter_folders[a] for a in ADAPTERS})  # from `serve.run` to a config deploy: a restart
     before = replica_stats()
     assert all(s["engine_builds"] == 1 and s["adapters"] == sorted(ADAPTERS) for s in before)
@@ -367,3 +365,20 @@ def test_a_deploy_that_changes_only_the_adapters_reconfigures_in_place(served, h
     assert [card["id"] for card in http.get("/v1/models").json()["data"]] == [BASE_MODEL, "acme/pirate", "shared/spare"]
     complete(http, model="shared/spare")
     assert http.post("/v1/completions", json={"model": "globex/poet", "prompt": "hi"}).status_code == 404
+
+
+def test_a_request_past_the_deadline_is_504_and_frees_its_row(http, adapter_folders):
+    """The Router's `request_timeout_s`, changed in place: a 1 ms deadline answers 504 (plain) and
+    ends a stream with a 504 error event and [DONE]; no row stays taken; back to the default, all
+    is served again."""
+    adapters = {"acme/pirate": adapter_folders["acme/pirate"]}
+    deploy(adapters, {"request_timeout_s": 0.001})
+    body = {"model": "acme/pirate", "prompt": "Once upon a time", "max_tokens": MAX_NEW_TOKENS, "ignore_eos": True}
+    response = wait_until(lambda: (r := http.post("/v1/completions", json=body)).status_code == 504 and r, 30,
+                          "the new deadline to apply", interval_s=0.5)
+    assert response.json()["error"]["type"] == "deadline_exceeded"
+    streamed = http.post("/v1/completions", json={**body, "stream": True})
+    assert streamed.status_code == 504 or sse_events(streamed)[-1]["error"]["type"] == "deadline_exceeded"
+    deploy(adapters, {})
+    wait_until(lambda: http.post("/v1/completions", json=body).status_code == 200, 30, "the default deadline")
+    wait_until(lambda: all(s["running"] == 0 for s in replica_stats()), 10, "every row to be freed", interval_s=0.2)

@@ -71,6 +71,7 @@ def test_every_error_class_is_found():
         "OverloadedError",
         "ReplicaUnavailableError",
         "PayloadTooLargeError",
+        "DeadlineExceededError",
     }
     assert names == set(errors.__all__)
 
@@ -140,6 +141,7 @@ def test_status_codes_and_codes_are_distinct_per_class():
         "OverloadedError": 503,
         "ReplicaUnavailableError": 503,
         "PayloadTooLargeError": 413,
+        "DeadlineExceededError": 504,
     }
 
 
