@@ -51,6 +51,7 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from adapters_store.allowlist import checked_source
 from adapters_store.client import StoreLookup
 from adapters_store.merge_spec import MergeSpec
 from deployments import http_errors
@@ -269,7 +270,8 @@ class Router:
 
     @app.post("/admin/adapters", status_code=201)
     async def admin_register(self, body: RegisterAdapterRequest, _admin: Caller = Depends(admin_caller)):
-        return await self._store_call("register", body.adapter_id, body.uri, body.options)
+        uri, options = self._allowed_source(body.uri, body.options)
+        return await self._store_call("register", body.adapter_id, uri, options)
 
     @app.get("/admin/adapters/{tenant}/{name}")
     async def admin_get(self, tenant: str, name: str, _admin: Caller = Depends(admin_caller)):
@@ -307,7 +309,8 @@ class Router:
 
     @app.post("/admin/sources", status_code=201)
     async def admin_add_source(self, body: RegisterSourceRequest, _admin: Caller = Depends(admin_caller)):
-        return await self._store_call("add_source", body.uri, body.options)
+        uri, options = self._allowed_source(body.uri, body.options)
+        return await self._store_call("add_source", uri, options)
 
     @app.post("/admin/sync")
     async def admin_sync(self, _admin: Caller = Depends(admin_caller)):
@@ -419,6 +422,12 @@ class Router:
         except (asyncio.TimeoutError, LoraServeError) as error:
             logger.warning("could not refresh the disabled adapters from the store: %s", error)
         return self._disabled
+
+    def _allowed_source(self, uri: str, options: dict) -> tuple[str, dict]:
+        """The URI and the options to fetch it with, if it lies under an allowed root (`allowlist`)."""
+        if self.settings.store is None:
+            raise AdapterNotFoundError("this server has no adapter store (set `store` in the app's args)")
+        return checked_source(uri, options, self.settings.store)
 
     async def _store_call(self, method: str, *args, **kwargs):
         """A call to the store, with a timeout: while the store restarts Ray holds calls until it

@@ -96,6 +96,9 @@ class StoreConfig(BaseModel):
                                       "it: a local folder or s3://bucket/prefix; default <root>/merged")
     merged_options: SourceOptions = Field(default_factory=dict, description="its source options (endpoint_url, "
                                           "region); credentials come from the environment")
+    allowed_roots: list[SourceInput] = Field(default_factory=list, description="where the admin API may register "
+                                             "adapters and sources, beside sources, root and merged_uri; each "
+                                             "root's options (endpoint_url, ...) are used for what lies under it")
     pins: dict[str, int] = Field(default_factory=dict, description="adapter id -> replicas it is kept warm on "
                                  "(never evicted there), beside the admin API's pins: the larger count wins")
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from lora_core.settings import SourceOptions
 
 __all__ = ["DisableRequest", "PinRequest", "RegisterAdapterRequest", "RegisterSourceRequest"]
 
@@ -16,16 +14,15 @@ class RegisterAdapterRequest(BaseModel):
 
     adapter_id: str = Field(description="'<tenant>/<name>'")
     uri: str = Field(description="the adapter's folder: s3://bucket/key/prefix, hf://org/repo[/sub]@rev, or a local path")
-    options: SourceOptions = Field(
-        default_factory=dict, description="source options such as endpoint_url, region; never credentials"
-    )
+    options: dict[str, Any] = Field(default_factory=dict, description="only what `adapters_store.allowlist` lets "
+                                    "an API call set; the rest comes from the allowed root's configured options")
 
 
 class RegisterSourceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    uri: str = Field(description="a root of <tenant>/<name>/ adapter folders")
-    options: SourceOptions = Field(default_factory=dict)
+    uri: str = Field(description="a root of <tenant>/<name>/ adapter folders, under an allowed root")
+    options: dict[str, Any] = Field(default_factory=dict, description="as for RegisterAdapterRequest")
 
 
 class DisableRequest(BaseModel):

@@ -34,6 +34,7 @@ def folders(tmp_path_factory):
     for seed, adapter_id in enumerate(("acme/pirate", "globex/poet", "shared/french")):
         make_peft_adapter(source / adapter_id, seed=seed)
     return {
+        "root": root,
         "source": source,
         "store": root / "store",
         "extra": make_peft_adapter(root / "extra", seed=5, r=4),
@@ -59,7 +60,8 @@ def served(folders):
                 "base_model": BASE_MODEL, "compile": "off", "num_slots": 2, "max_num_seqs": 2,
                 "max_seq_len": 128, "max_new_tokens": 64,
                 "store": {"name": "tenants-test-store", "root": str(folders["store"]), "sync_interval_s": 1.0,
-                          "sources": [{"uri": str(folders["source"])}]},
+                          "sources": [{"uri": str(folders["source"])}],
+                          "allowed_roots": [{"uri": str(folders["root"])}]},
             },
         }
         serve.run(build_app(args), name="lora-serve", route_prefix="/")
@@ -142,6 +144,14 @@ def test_admin_register_serves_at_once_and_bad_input_changes_nothing(http, folde
     assert trick.status_code == 400 and trick.json()["error"]["type"] == "invalid_adapter_id"
     malformed = http.post("/admin/adapters", headers=auth(ADMIN), json={"uri": str(folders["extra"])})
     assert malformed.status_code == 422
+    for outside in ("/", "/proc/self", "file:///root", str(folders["root"] / ".." / "..")):
+        for path, body in (("/admin/adapters", {"adapter_id": "acme/x", "uri": outside}), ("/admin/sources", {"uri": outside})):
+            refused = http.post(path, headers=auth(ADMIN), json=body)
+            assert refused.status_code == 403 and "allowed root" in refused.json()["error"]["message"], refused.text
+    for options in ({"endpoint_url": "http://attacker.example"}, {"cache_dir": "/etc"}, {"read_timeout_s": "x"}):
+        refused = http.post("/admin/adapters", headers=auth(ADMIN),
+                            json={"adapter_id": "acme/x", "uri": str(folders["extra"]), "options": options})
+        assert refused.status_code == 422 and refused.json()["error"]["type"] == "invalid_request_body", refused.text
     after = [r for r in http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"] if r["adapter_id"] != "acme/big"]
     assert [(r["adapter_id"], r["serving"]) for r in after] == [(r["adapter_id"], r["serving"]) for r in before]
 
