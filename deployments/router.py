@@ -59,6 +59,7 @@ from deployments.body_limit import BodySizeLimit
 from deployments.contracts import Combination, GenerationChunk, GenerationRequest
 from deployments.deploy_config import RouterSettings, RouterUserConfig
 from deployments.metrics import IngressMetrics, adapter_label
+from deployments.rate_limits import TenantRateLimiter
 from deployments.ray_errors import typed_ray_errors
 from deployments.request_limits import LIMITS
 from deployments.schemas.admin import DisableRequest, PinRequest, RegisterAdapterRequest, RegisterSourceRequest
@@ -212,6 +213,7 @@ class Router:
         self.replicas = replicas
         self.store = StoreLookup(self.settings.store) if self.settings.store is not None else None
         self.metrics = IngressMetrics()
+        self._rate_limiter = TenantRateLimiter(lambda tenant: self.settings.tenants.rate_limit_for(tenant))
         self._disabled: dict[str, str] = {}  # adapter id -> fallback, as the store last said
         self._disabled_at_s = -math.inf
 
@@ -375,6 +377,8 @@ class Router:
         tenant = caller.tenant or "admin"
         request = None
         try:
+            if caller.tenant is not None:
+                self._rate_limiter.admit(caller.tenant)
             request = self._generation_request(body, caller, await self._disabled_adapters())
             if body.stream:
                 return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant, started_s,

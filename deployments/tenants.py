@@ -45,6 +45,7 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.rate_limits import RateLimit
 from lora_core.adapter_ids import ID_PART_PATTERN, SHARED_TENANT, parse_adapter_id
 from lora_core.errors import UnauthorizedError
 
@@ -106,6 +107,7 @@ class TenantKeys(BaseModel):
     key_sha256: list[str] = Field(default_factory=list, description="hex sha256 of each key (see key_sha256())")
     keys: list[str] = Field(default_factory=list, repr=False,
                             description="plaintext keys; hashed at load and not kept")
+    rate_limit: RateLimit | None = Field(None, description="this tenant's own limit, over TenantsConfig's")
 
     @field_validator("key_sha256")
     @classmethod
@@ -139,6 +141,12 @@ class TenantsConfig(BaseModel):
                                   description="plaintext admin keys; hashed at load and not kept")
     keys_env: str | None = Field(
         None, description="environment variable with more keys: 'tenant:key,admin:key', read at start")
+    rate_limit: RateLimit | None = Field(None, description="each tenant's completions rate (429 over it); "
+                                         "default: none")
+
+    def rate_limit_for(self, tenant: str) -> RateLimit | None:
+        own = self.tenants.get(tenant)
+        return own.rate_limit if own is not None and own.rate_limit is not None else self.rate_limit
 
     def names_a_key(self) -> bool:
         """False for a config that could only answer 401 (auth keys, no key, no keys_env);

@@ -12,6 +12,7 @@
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
     ├── InvalidRequestBodyError         422  a body that does not parse or validate; `details` per field
     ├── DeadlineExceededError           504  a completion ran past `request_timeout_s` (its row is freed)
+    ├── RateLimitedError                429  a tenant over its rate limit (Retry-After)
     ├── OverloadedError                 503  every replica's queue is full (Retry-After)
     ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
     ├── EngineClosedError               503  the engine was shut down
@@ -53,6 +54,7 @@ __all__ = [
     "ManifestVersionError",
     "OverloadedError",
     "PayloadTooLargeError",
+    "RateLimitedError",
     "ReplicaUnavailableError",
     "ServiceUnavailableError",
     "SlotsExhaustedError",
@@ -184,6 +186,20 @@ class InvalidRequestBodyError(LoraServeError):
 class DeadlineExceededError(LoraServeError):
     status_code = 504
     code = "deadline_exceeded"
+
+
+class RateLimitedError(LoraServeError):
+    """A tenant over its rate limit; the client should retry after `retry_after_s`."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class OverloadedError(LoraServeError):

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.integration
 BASE_MODEL = "tiny-random-llama"
 DASHBOARD_PORT = free_port()
 ACME, GLOBEX, ADMIN = ("Bearer sk-acme-demo", "Bearer sk-globex-demo", "Bearer sk-admin-demo")
+INITECH = "Bearer sk-initech-limited"  # a tenant with a tight rate limit
 
 
 def auth(key: str) -> dict:
@@ -55,7 +56,10 @@ def served(folders):
             "replica_num_cpus": 0.5,
             "max_ongoing_requests": 2,
             "max_queued_requests": 2,
-            "tenants": demo_tenants_config().model_dump(mode="json"),
+            "tenants": demo_tenants_config().model_copy(update={"tenants": {
+                **demo_tenants_config().tenants,
+                "initech": {"keys": [INITECH.split()[1]], "rate_limit": {"requests_per_s": 0.2, "burst": 2}}}}
+            ).model_dump(mode="json"),
             "replica": {
                 "base_model": BASE_MODEL, "compile": "off", "num_slots": 2, "max_num_seqs": 2,
                 "max_seq_len": 128, "max_new_tokens": 64,
@@ -451,3 +455,14 @@ def test_metrics_are_exported_after_real_requests(http):
 
     text = wait_until(scraped, 90, "the metrics in Ray's export", interval_s=2)
     assert "acme/nobody-here" not in text  # unknown ids never become labels
+
+
+def test_a_tenant_over_its_rate_limit_gets_429_and_the_others_are_served(http):
+    """initech may send 2 at once, then one per 5 s: its third is 429 with Retry-After; acme,
+    with no limit, is served meanwhile; admin calls are never limited."""
+    assert [complete(http, INITECH, BASE_MODEL).status_code for _ in range(2)] == [200, 200]
+    limited = complete(http, INITECH, BASE_MODEL)
+    assert limited.status_code == 429 and limited.json()["error"]["type"] == "rate_limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 5
+    assert all(complete(http, ACME, "acme/pirate").status_code == 200 for _ in range(4))
+    assert all(complete(http, ADMIN, BASE_MODEL).status_code == 200 for _ in range(3))

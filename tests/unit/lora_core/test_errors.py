@@ -27,7 +27,8 @@ ERROR_CLASSES = sorted(
 )
 
 
-RETRY_AFTER_CLASSES = (OverloadedError, errors.ServiceUnavailableError, errors.ReplicaUnavailableError)
+RETRY_AFTER_CLASSES = (OverloadedError, errors.ServiceUnavailableError, errors.ReplicaUnavailableError,
+                       errors.RateLimitedError)
 
 
 def _instances():
@@ -72,6 +73,7 @@ def test_every_error_class_is_found():
         "ReplicaUnavailableError",
         "PayloadTooLargeError",
         "DeadlineExceededError",
+        "RateLimitedError",
     }
     assert names == set(errors.__all__)
 
@@ -142,6 +144,7 @@ def test_status_codes_and_codes_are_distinct_per_class():
         "ReplicaUnavailableError": 503,
         "PayloadTooLargeError": 413,
         "DeadlineExceededError": 504,
+        "RateLimitedError": 429,
     }
 
 
