@@ -145,7 +145,10 @@ class AdapterStore:
     # ---- the replicas' surface -----------------------------------------------------------------
 
     def locate(self, adapter_id: str) -> tuple[str, list]:
-        """(serving version, [ObjectRef of its AdapterPayload]); the ref is put once per version."""
+        """(serving version, [ObjectRef of its AdapterPayload]); the ref is put once per version.
+        Locks exist only for adapters that serve: an id any caller sends must not leave one behind."""
+        if self.syncer.serving_version(adapter_id) is None:
+            self.syncer.serving_checkpoint(adapter_id)  # its typed error: unknown, disabled or nothing valid
         with self._lock:
             lock = self._payload_locks.setdefault(adapter_id, threading.Lock())
         with lock:  # one put per version however many replicas ask at once
@@ -243,6 +246,9 @@ class AdapterStore:
             return
         for change in changes:
             self._payloads.pop(change.adapter_id, None)
+            if change.version is None:
+                with self._lock:
+                    self._payload_locks.pop(change.adapter_id, None)
         for change in changes:  # put new versions now: warm replicas fetch them right away
             if change.version is not None:
                 try:

@@ -96,8 +96,11 @@ def test_locate_hands_out_the_validated_weights_through_the_object_store(ray_clu
         assert torch.equal(checkpoint.modules[name].lora_b, weights.lora_b)
     from lora_core.errors import AdapterNotFoundError
 
-    with pytest.raises(AdapterNotFoundError):
-        ray_cluster.get(store.locate.remote("acme/nobody"))
+    for index in range(20):  # ids any caller sends leave nothing behind in the store
+        with pytest.raises(AdapterNotFoundError):
+            ray_cluster.get(store.locate.remote(f"acme/nobody-{index}"))
+    locks = ray_cluster.get(store.__ray_call__.remote(lambda self: sorted(self._payload_locks)))
+    assert all("nobody" not in adapter_id for adapter_id in locks) and "acme/pirate" in locks
 
 
 def test_poll_resyncs_first_then_waits_for_changes(ray_cluster, store, source_root):
