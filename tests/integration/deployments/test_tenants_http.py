@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 
 import httpx
 import pytest
@@ -466,3 +467,26 @@ def test_a_tenant_over_its_rate_limit_gets_429_and_the_others_are_served(http):
     assert 1 <= int(limited.headers["Retry-After"]) <= 5
     assert all(complete(http, ACME, "acme/pirate").status_code == 200 for _ in range(4))
     assert all(complete(http, ADMIN, BASE_MODEL).status_code == 200 for _ in range(3))
+
+
+def test_a_killed_store_restarts_with_its_registry_and_serving_never_stops(http):
+    """Ray restarts the detached store (max_restarts=-1); it reloads its manifest. Meanwhile the
+    replicas serve from their slots, and admin calls answer 200 or a 503 JSON, never hang."""
+    import ray
+
+    before = sorted((r["adapter_id"], r["serving"]["version"]) for r in http.get(
+        "/admin/adapters", headers=auth(ADMIN)).json()["data"] if r["serving"])
+    store = ray.get_actor("tenants-test-store", namespace="lora-serve")
+    ray.kill(store, no_restart=False)
+    started = time.monotonic()
+    while time.monotonic() - started < 5:
+        assert complete(http, ACME, "acme/pirate").status_code == 200
+        admin = http.get("/admin/store", headers=auth(ADMIN), timeout=30)
+        body = admin.json()
+        assert (admin.status_code == 200 and body["status"]) or (admin.status_code == 503 and body["error"]["type"]), \
+            admin.text
+    wait_until(lambda: http.get("/admin/store", headers=auth(ADMIN)).status_code == 200, 60, "the store to be back")
+    after = sorted((r["adapter_id"], r["serving"]["version"]) for r in http.get(
+        "/admin/adapters", headers=auth(ADMIN)).json()["data"] if r["serving"])
+    assert after == before
+    assert complete(http, GLOBEX, "globex/poet").status_code == 200
