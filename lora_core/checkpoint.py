@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from lora_core.errors import InvalidAdapterError
 from lora_core.geometry import DEFAULT_MAX_SIZE_BYTES, SlotGeometry, normalize_model_name
 from lora_core.peft_files import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PICKLE_WEIGHT_FILES, PROBE_FILE
 from lora_core.probe import AdapterProbe
+
+logger = logging.getLogger("lora_core.checkpoint")
 
 __all__ = [
     "LoraCheckpoint",
@@ -220,6 +223,11 @@ def _version(config_dict: dict, weights_sha256: str) -> str:
     return hashlib.sha256(f"{config_json}\n{weights_sha256}".encode()).hexdigest()
 
 
+def _is_local_folder(name: str) -> bool:
+    """A filesystem path rather than a Hub id (`org/name`, or a bare name)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def parse_config(config_dict: object) -> PeftLoraConfig:
     if not isinstance(config_dict, dict):
         raise InvalidAdapterError(f"{ADAPTER_CONFIG_FILE} must hold a JSON object", "invalid_config")
@@ -260,7 +268,14 @@ def validate_checkpoint(checkpoint: LoraCheckpoint, geometry: SlotGeometry, chec
             f"the adapter is {checkpoint.size_bytes} bytes, over the limit of {geometry.max_size_bytes}", "too_large"
         )
     base_name = checkpoint.config.base_model_name_or_path
-    if base_name and geometry.base_model_names and normalize_model_name(base_name) not in geometry.base_model_names:
+    named_elsewhere = (base_name and geometry.base_model_names
+                       and normalize_model_name(base_name) not in geometry.base_model_names)
+    if named_elsewhere and _is_local_folder(base_name):
+        # Trained on a local copy (`/home/me/models/base`): the name says nothing about the
+        # weights, so the shapes below decide.
+        logger.warning("adapter trained on the local folder %r: served because its shapes fit this base model %s",
+                       base_name, sorted(geometry.base_model_names))
+    elif named_elsewhere:
         raise InvalidAdapterError(
             f"the adapter was trained on {base_name!r}; this server's base model is one of "
             f"{sorted(geometry.base_model_names)}",

@@ -117,6 +117,13 @@ def _wider_llama(make, tmp):
     return folder
 
 
+def _wider_local_copy(make, tmp):
+    """Named by a local folder: the name is not refused, the shapes are."""
+    folder = _wider_llama(make, tmp)
+    edit_adapter_config(folder, base_model_name_or_path="/home/me/models/tiny-random-llama-copy")
+    return folder
+
+
 def _more_kv_heads(make, tmp):
     model = _other_llama(num_key_value_heads=4)  # k_proj / v_proj: 64 -> 64 instead of 64 -> 32
     folder = _save_peft(tmp / "kv", LoraConfig(r=4, target_modules=["k_proj"], init_lora_weights=False), model=model)
@@ -270,6 +277,7 @@ REFUSALS = [
     pytest.param(_config(peft_type="PREFIX_TUNING"), "unsupported_peft_type", "PREFIX_TUNING", {}, id="prefix-tuning-type"),
     pytest.param(_wider_llama, "shape_mismatch", "do not fit", {}, id="wider-llama"),
     pytest.param(_more_kv_heads, "shape_mismatch", "k_proj", {}, id="more-kv-heads"),
+    pytest.param(_wider_local_copy, "shape_mismatch", "do not fit", {}, id="a-local-copy-whose-shapes-do-not-fit"),
     pytest.param(_resized_tensor("B", (64, 4)), "shape_mismatch", "v_proj", {}, id="lora-b-too-many-rows"),
     pytest.param(_resized_tensor("A", (4, 63)), "shape_mismatch", "v_proj", {}, id="lora-a-wrong-in-features"),
     pytest.param(_resized_tensor("B", (32, 2)), "shape_mismatch", "v_proj", {}, id="a-and-b-ranks-disagree"),
@@ -306,9 +314,6 @@ REFUSALS = [
     pytest.param(_config(fan_in_fan_out=True), "unsupported_feature", "fan_in_fan_out", {}, id="fan-in-fan-out"),
     pytest.param(
         _config(base_model_name_or_path="meta-llama/Llama-3.1-8B"), "base_model_mismatch", "Llama-3.1-8B", {}, id="other-base-model"
-    ),
-    pytest.param(
-        _config(base_model_name_or_path="/models/smollm2-135m-instruct"), "base_model_mismatch", "smollm2", {}, id="other-base-path"
     ),
     pytest.param(_rank_too_large, "too_large", "over the limit of 4096", {"max_adapter_bytes": 4096}, id="too-large"),
 ]
@@ -367,6 +372,8 @@ def test_too_large_is_checked_on_the_state_dict_path_too(adapter_factory):
         pytest.param("tiny-random-llama", id="same"),
         pytest.param("SomeOrg/Tiny-Random-Llama", id="org-prefix-and-case"),
         pytest.param("/models/TINY-RANDOM-LLAMA/", id="local-path"),
+        pytest.param("/home/me/checkpoints/my-base-copy", id="a-local-copy-of-another-name"),
+        pytest.param("./runs/base", id="a-relative-local-copy"),
         pytest.param(None, id="null"),
         pytest.param("", id="empty"),
         pytest.param(..., id="absent"),
