@@ -164,6 +164,7 @@ class GenerationRequest:
     messages: tuple[ChatTurn, ...] | None = None
     prompt_ids: tuple[int, ...] | None = None
     combination: Combination | None = None
+    tenant: str | None = None  # who sent it: the engine shares rows fairly across tenants
 
     def __post_init__(self) -> None:
         if self.adapter_id is not None and self.combination is not None:

@@ -41,6 +41,7 @@ runs with no CPU of its own and holds no model.
 """
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -379,7 +380,8 @@ class Router:
         try:
             if caller.tenant is not None:
                 self._rate_limiter.admit(caller.tenant)
-            request = self._generation_request(body, caller, await self._disabled_adapters())
+            request = dataclasses.replace(self._generation_request(body, caller, await self._disabled_adapters()),
+                                          tenant=caller.tenant)
             if body.stream:
                 return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant, started_s,
                                           deadline_s=time.monotonic() + self.settings.request_timeout_s)

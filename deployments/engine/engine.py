@@ -171,7 +171,7 @@ class Engine:
                 raise AdapterNotFoundError(f"adapter {unknown[0]!r} is not registered")
         elif adapter_id is not None and not self.residency.has_resolver and not self.residency.knows(adapter_id):
             raise AdapterNotFoundError(f"adapter {adapter_id!r} is not registered")
-        handle = RequestHandle(adapter_id, ids, params)
+        handle = RequestHandle(adapter_id, ids, params, tenant=request.tenant)
         self.scheduler.enqueue(handle)
         return handle
 

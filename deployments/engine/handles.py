@@ -24,8 +24,10 @@ class RequestHandle:
     `params.max_tokens` is resolved (never None): the engine fills in what the prompt leaves room for.
     """
 
-    def __init__(self, adapter_id: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, adapter_id: str | None, prompt_ids: list[int], params: SamplingParams,
+                 tenant: str | None = None) -> None:
         self.adapter_id = adapter_id
+        self.tenant = tenant
         self.prompt_ids = prompt_ids
         self.params = params
         self.submitted_s = time.monotonic()

@@ -29,13 +29,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 import torch
 
+from deployments.engine.fair_share import fair_order
 from deployments.engine.handles import RequestHandle
 from deployments.engine.kv_cache import LaneKVCache
 from deployments.engine.model_runner import ModelRunner
@@ -94,6 +95,7 @@ class Scheduler:
         self._waiting: deque[RequestHandle] = deque()
         self._decoding: list[Row] = []  # lane i holds self._decoding[i]
         self._prefilling: list[Row] = []  # lane len(decoding) + i holds self._prefilling[i]
+        self._last_admitted: dict[str | None, int] = {}  # tenant -> rows_admitted when its last row joined
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -241,7 +243,11 @@ class Scheduler:
             return
         self._batch_wait(free_lanes)
         residency = self.residency
-        for handle in self.waiting():
+        running = Counter(row.handle.tenant for row in (*self._decoding, *self._prefilling))
+        waiting = self.waiting()
+        present = {*running, *(h.tenant for h in waiting)}
+        self._last_admitted = {t: seq for t, seq in self._last_admitted.items() if t in present}  # bounded
+        for handle in fair_order(waiting, lambda h: h.tenant, running, self._last_admitted):
             if self.running >= self.kv_cache.lanes:
                 return
             if handle.cancelled:
@@ -276,6 +282,7 @@ class Scheduler:
             stream = TextStream(self.tokenizer, handle.params.stop)
             self._prefilling.append(Row(handle, self.running, slot, key, sampler, stream))
             self.rows_admitted += 1
+            self._last_admitted[handle.tenant] = self.rows_admitted
 
     def _batch_wait(self, free_lanes: int) -> None:
         """An idle engine waits up to `batch_wait_ms` after the first arrival, so requests sent
