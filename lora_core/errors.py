@@ -85,6 +85,17 @@ class LoraServeError(Exception):
         return {"error": {"type": self.code, "message": self.message}}
 
 
+class _RetryLater:
+    """Mixed into errors the client should retry after `retry_after_s` (the Retry-After header)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, retry_after_s)  # type: ignore[call-arg]
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 class InvalidRequestError(LoraServeError):
     status_code = 400
     code = "invalid_request"
@@ -188,32 +199,18 @@ class DeadlineExceededError(LoraServeError):
     code = "deadline_exceeded"
 
 
-class RateLimitedError(LoraServeError):
+class RateLimitedError(_RetryLater, LoraServeError):
     """A tenant over its rate limit; the client should retry after `retry_after_s`."""
 
     status_code = 429
     code = "rate_limited"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, retry_after_s)
-        self.retry_after_s = retry_after_s
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
-
-
-class OverloadedError(LoraServeError):
+class OverloadedError(_RetryLater, LoraServeError):
     """Every replica's queue is full; the client should retry after `retry_after_s`."""
 
     status_code = 503
     code = "overloaded"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, retry_after_s)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class SlotsExhaustedError(LoraServeError):
@@ -234,18 +231,11 @@ class SwapValidationError(LoraServeError):
     code = "swap_validation_failed"
 
 
-class ServiceUnavailableError(LoraServeError):
+class ServiceUnavailableError(_RetryLater, LoraServeError):
     """No replica answered in time, or the store cannot answer now; retry after `retry_after_s`."""
 
     status_code = 503
     code = "unavailable"
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, retry_after_s)
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)}
 
 
 class ReplicaUnavailableError(ServiceUnavailableError):
