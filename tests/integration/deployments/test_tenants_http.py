@@ -44,6 +44,12 @@ def folders(tmp_path_factory):
     }
 
 
+def with_limited_tenant(tenants: dict) -> dict:
+    """The demo tenants and initech, whose rate limit is tight."""
+    limited = {"keys": [INITECH.split()[1]], "rate_limit": {"requests_per_s": 0.2, "burst": 2}}
+    return {**tenants, "tenants": {**tenants["tenants"], "initech": limited}}
+
+
 @pytest.fixture(scope="module")
 def served(folders):
     from ray import serve
@@ -57,10 +63,7 @@ def served(folders):
             "replica_num_cpus": 0.5,
             "max_ongoing_requests": 2,
             "max_queued_requests": 2,
-            "tenants": demo_tenants_config().model_copy(update={"tenants": {
-                **demo_tenants_config().tenants,
-                "initech": {"keys": [INITECH.split()[1]], "rate_limit": {"requests_per_s": 0.2, "burst": 2}}}}
-            ).model_dump(mode="json"),
+            "tenants": with_limited_tenant(demo_tenants_config().model_dump(mode="json")),
             "replica": {
                 "base_model": BASE_MODEL, "compile": "off", "num_slots": 2, "max_num_seqs": 2,
                 "max_seq_len": 128, "max_new_tokens": 64,
