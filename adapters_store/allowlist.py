@@ -38,8 +38,7 @@ ApiSourceOptions: dict[str, type[BaseModel]] = {"file": _NoOptions, "s3": S3ApiO
 
 def allowed_roots(config: StoreConfig) -> list[SourceInput]:
     """Every root a registration may lie under, each with the options the config gives it."""
-    roots = [*config.allowed_roots, *(SourceInput(uri=s.uri, options=s.options) for s in config.sources),
-             SourceInput(uri=str(config.resolved_root()))]
+    roots = [*config.allowed_roots, *config.sources, SourceInput(uri=str(config.resolved_root()))]
     if config.merged_uri is not None:
         roots.append(SourceInput(uri=config.merged_uri, options=config.merged_options))
     return roots

@@ -511,17 +511,14 @@ class AdapterSyncer:
             raise SourceUnavailableError(retry)
         folder = outcome.fetched[adapter_id]
         try:
-            checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
-            validate_checkpoint(checkpoint, self.geometry)
+            checkpoint = self._checked(folder)
             if checkpoint.sha256 != record.serving.sha256:
                 raise InvalidAdapterError("its files differ from the recorded sha256", "corrupt_file")
         except Exception as error:
             shutil.rmtree(folder, ignore_errors=True)
             logger.warning("the serving copy of %s fetched again is refused: %s", adapter_id, error)
             raise SourceUnavailableError(retry) from None
-        destination = self._version_folder(adapter_id, version)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        folder.rename(destination)
+        self._keep_copy(adapter_id, version, folder)
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -576,6 +573,19 @@ class AdapterSyncer:
         if unavailable:
             raise (SourceUnavailableError if retryable else SourceRefusedError)("; ".join(unavailable))
 
+    def _checked(self, folder: Path) -> LoraCheckpoint:
+        """The checkpoint in a fetched folder, read and validated against the slots."""
+        checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
+        validate_checkpoint(checkpoint, self.geometry)
+        return checkpoint
+
+    def _keep_copy(self, adapter_id: str, version: str, folder: Path) -> None:
+        """Move a checked folder to where that version's validated copy lives (replacing one)."""
+        destination = self._version_folder(adapter_id, version)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(destination, ignore_errors=True)
+        folder.rename(destination)
+
     def _hold_suspect_loss(self, spec: SourceSpec, gone: list[str], report: SyncReport) -> bool:
         """True while a mass loss waits for the next listing to confirm it (the same ids gone)."""
         lost = frozenset(gone)
@@ -594,8 +604,7 @@ class AdapterSyncer:
 
     def _validate(self, adapter_id: str, version: str, folder: Path, report: SyncReport) -> None:
         try:
-            checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
-            validate_checkpoint(checkpoint, self.geometry)
+            checkpoint = self._checked(folder)
             summary = AdapterConfigSummary.from_checkpoint(checkpoint)
         except Exception as error:  # one bad checkpoint rejects itself, never the rest of the sync
             if not isinstance(error, InvalidAdapterError):
@@ -603,10 +612,7 @@ class AdapterSyncer:
             shutil.rmtree(folder, ignore_errors=True)
             self._reject(adapter_id, version, _as_invalid(error), report)
             return
-        destination = self._version_folder(adapter_id, version)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(destination, ignore_errors=True)
-        folder.rename(destination)
+        self._keep_copy(adapter_id, version, folder)
         before = self.registry.get(adapter_id).serving
         record = self.registry.record_ready(
             adapter_id, version, checkpoint.sha256, checkpoint.size_bytes, summary,

@@ -11,7 +11,6 @@
     ├── PayloadTooLargeError            413  a request body over `max_body_bytes`
     ├── InvalidAdapterError             422  a checkpoint that does not fit the engine; `reason` says why
     ├── InvalidRequestBodyError         422  a body that does not parse or validate; `details` per field
-    ├── DeadlineExceededError           504  a completion ran past `request_timeout_s` (its row is freed)
     ├── RateLimitedError                429  a tenant over its rate limit (Retry-After)
     ├── OverloadedError                 503  every replica's queue is full (Retry-After)
     ├── SlotsExhaustedError             503  every slot is held by in-flight requests or pinned
@@ -19,6 +18,7 @@
     ├── SwapValidationError             503  a new version failed its check after a swap (rolled back)
     ├── ServiceUnavailableError         503  no replica answers (/healthz), or the store restarts (Retry-After)
     │   └── ReplicaUnavailableError     503      the replica called died or is restarting (Retry-After)
+    ├── DeadlineExceededError           504  a completion ran past `request_timeout_s` (its row is freed)
     ├── SourceError                          a source of adapters failed:
     │   ├── SourceUnavailableError      503      it could not be reached or answered 5xx: retry later
     │   └── SourceRefusedError          400      it answered "no": no such bucket / repo / revision,

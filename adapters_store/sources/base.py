@@ -218,7 +218,7 @@ class ParallelFetch:
 
         Typed errors (source down, missing file) are collected per adapter; anything else (a
         client library's own exception) is collected as the source being unavailable, so one
-        adapter's download never stops the others'.""" 
+        adapter's download never stops the others'."""
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
         adapters = list(adapters)

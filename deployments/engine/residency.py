@@ -74,10 +74,9 @@ LOAD_WORKERS = 4
 REJECTED_WAIT_S = 5.0
 """How long a load waits for the store to stop serving a version this replica rejected."""
 MAX_VALIDATED = 4096
+"""Slot keys remembered per set (validated, probed, rejected here); the oldest is forgotten."""
 MAX_COMBINATIONS = 1024
 """Recipes remembered per engine; the oldest unused one is forgotten (a request defines it again)."""
-MAX_REJECTED_VERSIONS = 4096
-"""Slot keys remembered as failed here; an older one's version was replaced long ago."""
 _KEY_SEPARATOR = "@"  # never in an adapter id (lora_core.adapter_ids)
 _PROBE_PREFIX = "probe:"  # never in an adapter id either
 
@@ -162,7 +161,7 @@ class AdapterResidency:
         self._combinations_lock = threading.Lock()
         self._validated: OrderedDict[str, None] = OrderedDict()  # slot keys checked here (loop thread)
         self._probed: OrderedDict[str, None] = OrderedDict()  # slot keys whose probe answered right here
-        self._rejected: dict[str, None] = {}  # slot keys that failed here, oldest first: never served again
+        self._rejected: OrderedDict[str, None] = OrderedDict()  # slot keys that failed here: never served again
         self._reports: dict[str, AdapterOnReplica] = {}
         self._store_pins: set[str] = set()  # what the store asked this replica to keep pinned
         self._reports_lock = threading.Lock()
@@ -494,9 +493,7 @@ class AdapterResidency:
 
     def _reject(self, adapter_id: str, version: str, reason: str) -> None:
         """Never serve this version here again, and tell the store."""
-        self._rejected[slot_key(adapter_id, version)] = None
-        while len(self._rejected) > MAX_REJECTED_VERSIONS:  # bounded: the oldest is long replaced
-            del self._rejected[next(iter(self._rejected))]
+        _remember(self._rejected, slot_key(adapter_id, version))
         if self.host_cache.versions().get(adapter_id) == version:
             self.host_cache.invalidate(adapter_id)
         self._note(adapter_id, validation=f"version {version} rejected: {reason}")
