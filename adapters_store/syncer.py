@@ -55,7 +55,7 @@ from adapters_store.registry import (
     utc_now,
 )
 from adapters_store.sources import AdapterSource, RetryPolicy, source_for_uri, source_options
-from adapters_store.sources.base import RemoteAdapter
+from adapters_store.sources.base import FetchOutcome, RemoteAdapter
 from lora_core.adapter_ids import LocalUri, adapter_dir, parse_source_uri, validate_adapter_id
 from lora_core.changes import AdapterChange
 from lora_core.checkpoint import LoraCheckpoint, read_checkpoint, validate_checkpoint
@@ -132,8 +132,10 @@ def _as_invalid(error: Exception) -> InvalidAdapterError:
 
 
 class AdapterSyncer:
-    """Thread-safe: one lock serialises syncs, registrations and deletes; reads take the registry's
-    lock. Callers (the store actor) use these methods, never `registry` itself."""
+    """Thread-safe. `_sync_lock` runs one sync (or registration, or merge) at a time; `_lock`
+    guards the state and is never held across a sync's listing or downloads, so a delete, a pin
+    or a status waits for no download. Reads take the registry's own lock. Callers (the store
+    actor) use these methods, never `registry` itself."""
 
     def __init__(
         self,
@@ -152,6 +154,7 @@ class AdapterSyncer:
         self._staging_root = self.root / "staging"
         self._monotonic = monotonic
         self._source_factory = source_factory
+        self._sync_lock = threading.RLock()  # always taken before `_lock`, never after
         self._lock = threading.RLock()
         manifest = load_manifest(self.manifest_path)
         self.registry = Registry(manifest, clock, keep_versions=config.keep_versions)
@@ -265,7 +268,7 @@ class AdapterSyncer:
     def add_source(self, source: SourceInput) -> tuple[SourceSpec, SyncReport]:
         """Watch a new source and sync it now. An unreachable source is refused (nothing kept)."""
         spec = SourceSpec.of(source)
-        with self._lock:
+        with self._sync_lock, self._lock:
             if spec.key in self._specs:
                 return self._specs[spec.key], self.sync([spec.key])
             self._source_for(spec)  # unknown options fail here, before anything is kept
@@ -284,7 +287,7 @@ class AdapterSyncer:
         a checkpoint that fails validation is recorded as rejected (HTTP callers get 422)."""
         adapter_id = validate_adapter_id(adapter_id)
         spec = SourceSpec.of(SourceInput(uri=uri, adapter_id=adapter_id, options=options or {}))
-        with self._lock:
+        with self._sync_lock, self._lock:
             listing = self._source_for(spec).list_adapters()
             if adapter_id not in listing:
                 raise InvalidAdapterError(f"{spec.uri} holds no adapter files", "missing_file")
@@ -374,44 +377,57 @@ class AdapterSyncer:
         """Sync the given sources (default: all). `force` re-downloads versions already seen."""
         started = time.monotonic()
         report = SyncReport()
-        with self._lock:
-            for key in keys if keys is not None else list(self._specs):
-                spec = self._specs.get(key)
+        with self._sync_lock:
+            with self._lock:
+                keys = list(keys if keys is not None else self._specs)
+            for key in keys:
+                with self._lock:
+                    spec = self._specs.get(key)
                 if spec is None:
                     continue
-                health = self._health[key]
                 attempt_s = self._monotonic()
                 try:
                     self._sync_spec(spec, force, report)
                 except SourceError as error:  # refused too: a bucket or a permission may come later
-                    health.failures += 1
-                    health.last_error = str(error)
-                    delay = min(self.config.max_backoff_s, self.config.sync_interval_s * 2 ** (health.failures - 1))
-                    health.next_attempt_s = self._monotonic() + delay
-                    report.unavailable[key] = str(error)
-                    report.source_errors[key] = error
-                    logger.warning("source %s %s (%d in a row), retry in %.1f s: %s", spec.uri,
-                                   "refused" if isinstance(error, SourceRefusedError) else "unavailable",
-                                   health.failures, delay, error)
+                    with self._lock:
+                        self._record_failure(spec, error, report)
                 else:
-                    if health.failures:
-                        logger.info("source %s reachable again", spec.uri)
-                    health.failures, health.last_error = 0, None
-                    health.last_success_at = utc_now()
-                    # a fixed rate: a slow sync (downloads) does not push the next one back
-                    health.next_attempt_s = max(self._monotonic(), attempt_s + self.config.sync_interval_s)
-            self._save()
+                    with self._lock:
+                        health = self._health.get(key, SourceHealth())  # a delete may have dropped it
+                        if health.failures:
+                            logger.info("source %s reachable again", spec.uri)
+                        health.failures, health.last_error = 0, None
+                        health.last_success_at = utc_now()
+                        # a fixed rate: a slow sync (downloads) does not push the next one back
+                        health.next_attempt_s = max(self._monotonic(), attempt_s + self.config.sync_interval_s)
+            with self._lock:
+                self._save()
         report.duration_s = time.monotonic() - started
         return report
+
+    def _record_failure(self, spec: SourceSpec, error: SourceError, report: SyncReport) -> None:
+        health = self._health.get(spec.key, SourceHealth())
+        health.failures += 1
+        health.last_error = str(error)
+        delay = min(self.config.max_backoff_s, self.config.sync_interval_s * 2 ** (health.failures - 1))
+        health.next_attempt_s = self._monotonic() + delay
+        report.unavailable[spec.key] = str(error)
+        report.source_errors[spec.key] = error
+        logger.warning("source %s %s (%d in a row), retry in %.1f s: %s", spec.uri,
+                       "refused" if isinstance(error, SourceRefusedError) else "unavailable",
+                       health.failures, delay, error)
 
     # ---- serving ----------------------------------------------------------------------------
 
     def serving_checkpoint(self, adapter_id: str) -> tuple[str, dict, LoraCheckpoint]:
         """(version, adapter_config.json, checkpoint) of the serving version, from the validated
         copy; a missing copy (a store moved to another node) is fetched again first."""
+        version, folder = self._serving_copy(adapter_id)
         with self._lock:
-            version, folder = self._serving_copy(adapter_id)
-            checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
+            try:
+                checkpoint = read_checkpoint(folder, max_size_bytes=self.geometry.max_size_bytes)
+            except FileNotFoundError:  # deleted or replaced since
+                raise SourceUnavailableError(f"the stored copy of {adapter_id!r} changed; retry shortly") from None
             if checkpoint.sha256 != version.sha256:
                 raise SourceUnavailableError(f"the stored copy of {adapter_id!r} does not match its recorded sha256")
             config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
@@ -422,7 +438,7 @@ class AdapterSyncer:
         `merging`), write it with its recipe to `<merged_uri>/<tenant>/<name>/` (a local folder,
         default `<root>/merged`, or S3), and register it like any adapter folder; the record
         keeps the recipe. Unknown inputs: 404; a disabled one: 409; a name already registered: 409."""
-        with self._lock:
+        with self._sync_lock, self._lock:
             try:
                 self.registry.get(spec.name)
             except AdapterNotFoundError:
@@ -472,63 +488,101 @@ class AdapterSyncer:
             logger.warning("could not remove the merged files of %s: %s", record.adapter_id, error)
 
     def _serving_copy(self, adapter_id: str) -> tuple[AdapterVersion, Path]:
-        """(the serving version's record, its validated local copy), fetched again if missing.
-        Call with the lock held."""
+        """(the serving version's record, its validated local copy), fetched again if missing
+        (outside `_lock` unless the caller holds it)."""
+        with self._lock:
+            record, folder = self._serving_record(adapter_id)
+            if folder.is_dir():
+                return record.serving, folder
+            owner = self._owner(adapter_id)
+            if owner is None:
+                raise SourceUnavailableError(f"the stored copy of {adapter_id!r} is gone and it has no source")
+            self._health[owner.key].next_attempt_s = 0.0
+        self._fetch_serving_again(record, owner.options)
+        with self._lock:
+            record, folder = self._serving_record(adapter_id)
+            if not folder.is_dir():
+                raise SourceUnavailableError(f"the stored copy of {adapter_id!r} changed; retry shortly")
+            return record.serving, folder
+
+    def _serving_record(self, adapter_id: str) -> tuple[AdapterRecord, Path]:
         record = self.registry.get(adapter_id)
         if record.disabled is not None:
             raise AdapterDisabledError(f"adapter {adapter_id!r} is disabled")
         if record.serving is None:
             why = f": {record.current.reason}" if record.current is not None and record.current.reason else ""
             raise AdapterNotFoundError(f"adapter {adapter_id!r} has no valid version to serve{why}")
-        version = record.serving
-        folder = self._version_folder(adapter_id, version.version)
-        if not folder.is_dir():
-            self._fetch_serving_again(record)
-        return version, folder
+        return record, self._version_folder(adapter_id, record.serving.version)
 
-    def _fetch_serving_again(self, record: AdapterRecord) -> None:
+    def _fetch_serving_again(self, record: AdapterRecord, options: dict[str, Any]) -> None:
         """Fetch the serving version's copy (gone: a store moved to another node) from its own
-        location only, never a whole root. A source that now holds another version gets its next
-        sync at once, which registers and announces it; this caller gets 503. The message names
-        only this adapter: a tenant reads it."""
+        location only, never a whole root, into its own staging folder (a sync may be fetching
+        the same adapter). A source that now holds another version gets its next sync at once,
+        which registers and announces it; this caller gets 503. The message names only this
+        adapter: a tenant reads it."""
         adapter_id, version = record.adapter_id, record.serving.version
         retry = f"the stored copy of {adapter_id!r} is being fetched again; retry shortly"
-        owner = self._owner(adapter_id)
-        if owner is None:
-            raise SourceUnavailableError(f"the stored copy of {adapter_id!r} is gone and it has no source")
-        self._health[owner.key].next_attempt_s = 0.0
+        self._staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".refetch-", dir=self._staging_root))
         try:
-            source = self._build_source(record.source_uri, owner.options, adapter_id)
-            remote = source.list_adapters().get(adapter_id)
-            if remote is None or remote.version != version:
-                raise SourceUnavailableError(f"{record.source_uri} holds another version than {version}")
-            outcome = source.fetch_many([remote], self._staging_root, max_workers=1)
-        except (LoraServeError, OSError) as error:
-            logger.warning("could not fetch the serving copy of %s again: %s", adapter_id, error)
-            raise SourceUnavailableError(retry) from None
-        if adapter_id not in outcome.fetched:
-            logger.warning("could not fetch the serving copy of %s again: %s", adapter_id, outcome.failed.get(adapter_id))
-            raise SourceUnavailableError(retry)
-        folder = outcome.fetched[adapter_id]
-        try:
-            checkpoint = self._checked(folder)
-            if checkpoint.sha256 != record.serving.sha256:
-                raise InvalidAdapterError("its files differ from the recorded sha256", "corrupt_file")
-        except Exception as error:
-            shutil.rmtree(folder, ignore_errors=True)
-            logger.warning("the serving copy of %s fetched again is refused: %s", adapter_id, error)
-            raise SourceUnavailableError(retry) from None
-        self._keep_copy(adapter_id, version, folder)
+            try:
+                source = self._build_source(record.source_uri, options, adapter_id)
+                remote = source.list_adapters().get(adapter_id)
+                if remote is None or remote.version != version:
+                    raise SourceUnavailableError(f"{record.source_uri} holds another version than {version}")
+                outcome = source.fetch_many([remote], staging, max_workers=1)
+            except (LoraServeError, OSError) as error:
+                logger.warning("could not fetch the serving copy of %s again: %s", adapter_id, error)
+                raise SourceUnavailableError(retry) from None
+            if adapter_id not in outcome.fetched:
+                logger.warning("could not fetch the serving copy of %s again: %s", adapter_id,
+                               outcome.failed.get(adapter_id))
+                raise SourceUnavailableError(retry)
+            folder = outcome.fetched[adapter_id]
+            try:
+                checkpoint = self._checked(folder)
+                if checkpoint.sha256 != record.serving.sha256:
+                    raise InvalidAdapterError("its files differ from the recorded sha256", "corrupt_file")
+            except Exception as error:
+                logger.warning("the serving copy of %s fetched again is refused: %s", adapter_id, error)
+                raise SourceUnavailableError(retry) from None
+            with self._lock:
+                if self.serving_version(adapter_id) == version:  # not replaced or deleted meanwhile
+                    self._keep_copy(adapter_id, version, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # ---- internals ----------------------------------------------------------------------------
 
     def _sync_spec(self, spec: SourceSpec, force: bool, report: SyncReport) -> None:
-        source = self._source_for(spec)
+        """List and fetch without `_lock` (a delete or a pin meanwhile waits for no download);
+        what changed meanwhile (the source forgotten, an adapter deleted or moved) wins."""
+        with self._lock:
+            source = self._source_for(spec)
         listing = source.list_adapters()
         if spec.adapter_id is not None:
             listing = {k: v for k, v in listing.items() if k == spec.adapter_id}
-        for where, why in getattr(source, "skipped", {}).items():
-            report.skipped[where] = why
+        with self._lock:
+            for where, why in getattr(source, "skipped", {}).items():
+                report.skipped[where] = why
+            accepted, to_fetch = self._plan(spec.key, listing, force, report)
+        outcome = source.fetch_many(to_fetch, self._staging_root, max_workers=self.config.fetch_workers)
+        with self._lock:
+            spec = self._specs.get(spec.key)
+            accepted = {adapter_id: remote for adapter_id, remote in accepted.items()
+                        if spec is not None and self._ours(spec, adapter_id)}
+            for adapter_id, folder in outcome.fetched.items():
+                if adapter_id not in accepted:
+                    shutil.rmtree(folder, ignore_errors=True)
+            if spec is not None:
+                self._apply(spec, accepted, outcome, report)
+
+    def _plan(self, key: str, listing: dict[str, RemoteAdapter], force: bool,
+              report: SyncReport) -> tuple[dict[str, RemoteAdapter], list[RemoteAdapter]]:
+        """(the listed adapters this source serves, those to download). Call with `_lock` held."""
+        spec = self._specs.get(key)
+        if spec is None:
+            return {}, []
         accepted: dict[str, RemoteAdapter] = {}
         for adapter_id, remote in sorted(listing.items()):
             if adapter_id in spec.excluded:
@@ -547,18 +601,29 @@ class AdapterSyncer:
             current = record.current
             if force or current is None or current.version != remote.version:
                 to_fetch.append(remote)
-        outcome = source.fetch_many(to_fetch, self._staging_root, max_workers=self.config.fetch_workers)
+        return accepted, to_fetch
+
+    def _ours(self, spec: SourceSpec, adapter_id: str) -> bool:
+        owner = self._owner(adapter_id)
+        return adapter_id not in spec.excluded and (owner is None or owner.key == spec.key)
+
+    def _apply(self, spec: SourceSpec, accepted: dict[str, RemoteAdapter], outcome: FetchOutcome,
+               report: SyncReport) -> None:
+        """Record what a listing and its downloads found. Call with `_lock` held."""
         # A download that failed with anything but a checkpoint's fault is retried at the next
         # sync (backoff); it never stops the others.
         unavailable, retryable = [], False
         for adapter_id, error in sorted(outcome.failed.items()):
+            if adapter_id not in accepted:
+                continue
             if isinstance(error, InvalidAdapterError):
                 self._reject(adapter_id, accepted[adapter_id].version, error, report)
             else:
                 unavailable.append(f"{adapter_id}: {error}")
                 retryable = retryable or not isinstance(error, SourceRefusedError)
         for adapter_id, folder in sorted(outcome.fetched.items()):
-            self._validate(adapter_id, accepted[adapter_id].version, folder, report)
+            if adapter_id in accepted:
+                self._validate(adapter_id, accepted[adapter_id].version, folder, report)
         gone = sorted(set(spec.adapters) - set(accepted))
         held = self._hold_suspect_loss(spec, gone, report)
         for adapter_id in () if held else gone:

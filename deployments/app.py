@@ -24,6 +24,7 @@ Wires the HTTP ingress (`Router`) to the `LoraReplica` deployment. Each is built
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -38,11 +39,13 @@ from deployments.replica import LoraReplica
 from deployments.request_router import affinity_request_router_config
 from deployments.router import Router
 from deployments.scaling import ScalingSettings
-from deployments.tenants import TenantsConfig
+from deployments.tenants import PLAINTEXT_KEYS_WARNING, PlaintextKeys, TenantsConfig, uses_demo_keys
 from lora_core.paths import REPO_ROOT, default_demo_adapters_dir
 from lora_core.settings import SourceInput, StoreConfig
 
 __all__ = ["AppArgs", "AutoscalingArgs", "build_app"]
+
+logger = logging.getLogger(__name__)
 
 ROUTER_MAX_ONGOING_REQUESTS = 1000  # the ingress only awaits replicas; it is never the bottleneck
 
@@ -129,6 +132,18 @@ class AppArgs(BaseModel):
             raise ValueError("set num_replicas or autoscaling, not both (autoscaling has min/max/initial_replicas)")
         return self
 
+    def replica_max_ongoing_requests(self) -> int:
+        return self.max_ongoing_requests or 2 * self.replica.max_num_seqs
+
+    def queue_capacity(self) -> int | None:
+        """Requests the replicas take at once plus those Serve queues for them (the Router is the
+        one caller, `max_queued_requests` is per caller); None when Serve queues without limit.
+        With autoscaling, at `max_replicas`."""
+        if self.max_queued_requests < 0:
+            return None
+        replicas = self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+        return replicas * self.replica_max_ongoing_requests() + self.max_queued_requests
+
     def with_demo_adapters(self) -> "AppArgs":
         """The demo adapters trained or found in their cache, their folder added to the store's sources.
 
@@ -154,15 +169,23 @@ class AppArgs(BaseModel):
         return self.replica.base_model
 
 
+class _ArgsKeys(BaseModel):
+    """The args' tenants as given: `AppArgs` hashes their keys, Ray keeps them as they were."""
+
+    tenants: PlaintextKeys = PlaintextKeys()
+
+
 def build_app(args: dict | None = None) -> Application:
     settings = AppArgs.model_validate(args or {})
+    if _ArgsKeys.model_validate(args or {}).tenants.any() and not uses_demo_keys(settings.tenants):
+        logger.warning(PLAINTEXT_KEYS_WARNING)
     if settings.demo_adapters:
         settings = settings.with_demo_adapters()
     scaling = ({"autoscaling_config": settings.autoscaling.serve_config(settings.replica.max_num_seqs)}
                if settings.autoscaling is not None else {"num_replicas": settings.num_replicas})
     replicas = LoraReplica.options(
         **scaling,
-        max_ongoing_requests=settings.max_ongoing_requests or 2 * settings.replica.max_num_seqs,
+        max_ongoing_requests=settings.replica_max_ongoing_requests(),
         ray_actor_options={"num_cpus": settings.replica_num_cpus, "num_gpus": settings.replica_num_gpus},
         max_queued_requests=settings.max_queued_requests,
         user_config={},  # so a deploy that drops its override hands reconfigure {}: back to args
@@ -176,6 +199,7 @@ def build_app(args: dict | None = None) -> Application:
     )
     router_settings = {
         "base_model_name": settings.base_model_name(),
+        "queue_capacity": settings.queue_capacity(),
         "tenants": settings.tenants.model_dump(mode="json"),
         "request_timeout_s": settings.request_timeout_s,
         "store": settings.replica.store.model_dump(mode="json") if settings.replica.store else None,

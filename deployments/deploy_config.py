@@ -114,6 +114,8 @@ class RouterSettings(BaseModel):
     store: StoreConfig | None = Field(None, description="the adapter store the admin API and /v1/models use")
     request_timeout_s: float = Field(REQUEST_TIMEOUT_S, gt=0, description="a completion's deadline: past it the "
                                      "caller gets 504 and its row is freed (a stream ends with a 504 error event)")
+    queue_capacity: int | None = Field(None, ge=1, description="requests the replicas hold at most (running and "
+                                       "queued: tenants' queue_share is of this); None: unbounded")
 
 
 class RouterUserConfig(BaseModel):

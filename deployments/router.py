@@ -3,7 +3,7 @@
     POST /v1/completions        CompletionRequest -> CompletionResponse, or SSE with `stream: true`
     POST /v1/chat/completions   ChatCompletionRequest -> ChatCompletionResponse, or SSE
     GET  /v1/models             the base model and the adapters the caller's tenant may use
-    GET  /healthz               200 when a replica answers
+    GET  /healthz               200 when a replica answers; `degraded` while a source or the store is down
   admin key only (through the adapter store):
     GET    /admin/adapters                  every adapter: versions, status, replicas it is warm on
     POST   /admin/adapters                  {adapter_id, uri, options}: fetch, validate, serve
@@ -41,6 +41,7 @@ runs with no CPU of its own and holds no model.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -59,7 +60,9 @@ from deployments import http_errors
 from deployments.body_limit import BodySizeLimit
 from deployments.contracts import Combination, GenerationChunk, GenerationRequest
 from deployments.deploy_config import RouterSettings, RouterUserConfig
+from deployments.key_check import ADMIN_NEEDED, KeyCheck
 from deployments.metrics import IngressMetrics, adapter_label
+from deployments.queue_shares import QueueShares
 from deployments.rate_limits import TenantRateLimiter
 from deployments.ray_errors import typed_ray_errors
 from deployments.request_limits import LIMITS
@@ -119,16 +122,23 @@ def _install_keyring(keyring: KeyRing) -> None:
     _KEYRING[:] = [keyring]
 
 
-async def current_caller(authorization: str | None = Header(None)) -> Caller:
+def _authenticate(authorization: str | None) -> Caller:
     if not _KEYRING:
         raise LoraServeError("the router has no key ring yet")
     return _KEYRING[0].authenticate(authorization)
 
 
+async def current_caller(authorization: str | None = Header(None)) -> Caller:
+    return _authenticate(authorization)
+
+
 async def admin_caller(caller: Caller = Depends(current_caller)) -> Caller:
     if not caller.is_admin:
-        raise ForbiddenError("this needs an admin key")
+        raise ForbiddenError(ADMIN_NEEDED)
     return caller
+
+
+app.add_middleware(KeyCheck, authenticate=_authenticate)  # the outermost: keys before bodies
 
 
 # ---- server-sent events ---------------------------------------------------------------------
@@ -215,6 +225,8 @@ class Router:
         self.store = StoreLookup(self.settings.store) if self.settings.store is not None else None
         self.metrics = IngressMetrics()
         self._rate_limiter = TenantRateLimiter(lambda tenant: self.settings.tenants.rate_limit_for(tenant))
+        self._queue_shares = QueueShares(
+            lambda tenant: self.settings.tenants.in_flight_limit_for(tenant, self.settings.queue_capacity))
         self._disabled: dict[str, str] = {}  # adapter id -> fallback, as the store last said
         self._disabled_at_s = -math.inf
 
@@ -334,9 +346,23 @@ class Router:
         except LoraServeError as error:
             return http_errors.error_response(ServiceUnavailableError(f"the replicas cannot answer: {error}"))
         health = {"status": "ok", "base_model": self.settings.base_model_name}
+        if self.store is not None:
+            health.update(await self._store_health())
         if self.settings.tenants.auth == "none":
             health["warning"] = OPEN_ACCESS_WARNING
         return health
+
+    async def _store_health(self) -> dict:
+        """The store's state for `/healthz`: `degraded` while a source is down or a store restarts
+        (the replicas serve from their copies, so the answer stays 200). Counts only: anyone may
+        ask, and sources name buckets and endpoints (`/admin/store` has them)."""
+        try:
+            with typed_ray_errors("the adapter store"):
+                status = await asyncio.wait_for(self.store.handle().status.remote(), HEALTH_TIMEOUT_S)
+        except (asyncio.TimeoutError, LoraServeError):
+            return {"status": "degraded", "store": "unreachable"}
+        unreachable = sum(1 for source in status["sources"] if not source["reachable"])
+        return {"status": status["status"], "store": status["status"], "sources_unreachable": unreachable}
 
     # ---- internals ------------------------------------------------------------------------------
 
@@ -382,11 +408,13 @@ class Router:
                 self._rate_limiter.admit(caller.tenant)
             request = dataclasses.replace(self._generation_request(body, caller, await self._disabled_adapters()),
                                           tenant=caller.tenant)
-            if body.stream:
-                return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant, started_s,
-                                          deadline_s=time.monotonic() + self.settings.request_timeout_s)
-            result: GenerationChunk = await _within(self.settings.request_timeout_s, _on_a_live_replica(
-                lambda: self._replicas_for(request).generate.remote(request)))
+            # a stream holds its place in the queue until its first token, a plain request until answered
+            with self._queue_shares.hold(caller.tenant) if caller.tenant is not None else contextlib.nullcontext():
+                if body.stream:
+                    return await self._stream(request, StreamFormat(kind, body.model, body.include_usage), tenant,
+                                              started_s, deadline_s=time.monotonic() + self.settings.request_timeout_s)
+                result: GenerationChunk = await _within(self.settings.request_timeout_s, _on_a_live_replica(
+                    lambda: self._replicas_for(request).generate.remote(request)))
         except LoraServeError as error:
             self.metrics.request_done(tenant, adapter_label(request, error.status_code), error.status_code,
                                       time.perf_counter() - started_s)

@@ -67,7 +67,8 @@ class StoreSubscription:
         except ray.exceptions.RayTaskError as wrapped:
             raise unwrap_ray_error(wrapped) from None
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ObjectLostError) as error:
-            raise SourceUnavailableError(f"the adapter store could not be reached: {error}") from None
+            logger.warning("could not fetch %s from the adapter store: %s", adapter_id, error)
+            raise SourceUnavailableError("the adapter store could not be reached: retry later") from None
         return checkpoint_from_payload(payload), version
 
     def adapter_demand(self, limit: int) -> AdapterDemand:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -108,6 +109,8 @@ class TenantKeys(BaseModel):
     keys: list[str] = Field(default_factory=list, repr=False,
                             description="plaintext keys; hashed at load and not kept")
     rate_limit: RateLimit | None = Field(None, description="this tenant's own limit, over TenantsConfig's")
+    max_in_flight: int | None = Field(None, ge=1, description="this tenant's own cap on requests in flight, "
+                                      "over TenantsConfig's queue_share")
 
     @field_validator("key_sha256")
     @classmethod
@@ -124,7 +127,7 @@ class TenantKeys(BaseModel):
     @model_validator(mode="after")
     def _hash_keys(self) -> "TenantKeys":
         self.key_sha256 = [*self.key_sha256, *(key_sha256(k) for k in self.keys)]
-        self.keys = []  # never kept: the config is logged and shown by Ray
+        self.keys = []  # never kept in this object; Ray still keeps the args as they were given
         return self
 
 
@@ -143,6 +146,18 @@ class TenantsConfig(BaseModel):
         None, description="environment variable with more keys: 'tenant:key,admin:key', read at start")
     rate_limit: RateLimit | None = Field(None, description="each tenant's completions rate (429 over it); "
                                          "default: none")
+
+    queue_share: float = Field(0.5, gt=0, le=1, description="the share of the app's queue (replicas x "
+                               "max_ongoing_requests + max_queued_requests) one tenant may hold in flight; 1: no cap")
+
+    def in_flight_limit_for(self, tenant: str, queue_capacity: int | None) -> int | None:
+        """How many requests `tenant` may have in flight at once (None: no cap)."""
+        own = self.tenants.get(tenant)
+        if own is not None and own.max_in_flight is not None:
+            return own.max_in_flight
+        if queue_capacity is None or self.queue_share >= 1:
+            return None
+        return max(1, math.ceil(self.queue_share * queue_capacity))
 
     def rate_limit_for(self, tenant: str) -> RateLimit | None:
         own = self.tenants.get(tenant)
@@ -247,6 +262,25 @@ class Caller:
 
 ADMIN_CALLER = Caller(tenant=None, is_admin=True)
 OPEN_ACCESS = ADMIN_CALLER  # every request under `auth: none`
+class _PlaintextTenant(BaseModel):
+    keys: list[str] = []
+
+
+class PlaintextKeys(BaseModel):
+    """The plaintext keys of a tenants config as given, before `TenantsConfig` hashes them (the
+    args Ray keeps are that raw form: see `PLAINTEXT_KEYS_WARNING`)."""
+
+    admin_keys: list[str] = []
+    tenants: dict[str, _PlaintextTenant] = {}
+
+    def any(self) -> bool:
+        return bool(self.admin_keys) or any(t.keys for t in self.tenants.values())
+
+
+PLAINTEXT_KEYS_WARNING = (
+    "the tenants config holds plaintext keys (`keys` / `admin_keys`): they are hashed here, but Ray keeps the "
+    "app's args as given, readable with `serve config` and on the dashboard; use key_sha256 / admin_key_sha256 "
+    "or keys_env for real keys")
 OPEN_ACCESS_WARNING = ("auth is 'none': there is no access control, every caller is an admin "
                        "(set tenants' keys for anything but a test)")
 
@@ -347,6 +381,9 @@ __all__ = [
     "KeyRing",
     "MIN_KEY_CHARS",
     "OPEN_ACCESS",
+    "OPEN_ACCESS_WARNING",
+    "PLAINTEXT_KEYS_WARNING",
+    "PlaintextKeys",
     "TenantKeys",
     "TenantsConfig",
     "demo_tenants_config",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 from adapters_store.sources.base import KNOWN_FILES, ParallelFetch, Progress, RemoteAdapter, RemoteFile, files_to_fetch
@@ -29,16 +28,19 @@ class FileHashCache:
     """sha256 of files keyed by path, trusted while (size, mtime_ns, ctime_ns, inode) are unchanged
     (ctime too, as git does: a copy that keeps the mtime, onto a reused inode, still moves it).
 
-    Bounded LRU (`max_entries`), thread-safe, with hit/miss counters for metrics and tests."""
+    Bounded (`max_entries`) and scan-proof: a listing reads every file in the same order each
+    time, which an LRU smaller than the root turns into no hits at all, so a full cache keeps what
+    it holds and skips new files, and `keep_only` (after each full listing) drops the files no
+    longer there. Thread-safe, with hit/miss counters for metrics and tests."""
 
-    def __init__(self, max_entries: int = 4096, racy_window_s: float = 2.0) -> None:
+    def __init__(self, max_entries: int = 65536, racy_window_s: float = 2.0) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
         self.racy_window_ns = int(racy_window_s * 1e9)
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[str, tuple[tuple[int, int, int, int], str]] = OrderedDict()
+        self._entries: dict[str, tuple[tuple[int, int, int, int], str]] = {}
         self._lock = threading.Lock()
 
     def sha256(self, path: Path) -> tuple[str, int]:
@@ -48,18 +50,20 @@ class FileHashCache:
         with self._lock:
             cached = self._entries.get(str(path))
             if cached is not None and cached[0] == key:
-                self._entries.move_to_end(str(path))
                 self.hits += 1
                 return cached[1], stat.st_size
             self.misses += 1
         digest = _hash_file(path)
         if time.time_ns() - stat.st_mtime_ns > self.racy_window_ns:
             with self._lock:
-                self._entries[str(path)] = (key, digest)
-                self._entries.move_to_end(str(path))
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
+                if str(path) in self._entries or len(self._entries) < self.max_entries:
+                    self._entries[str(path)] = (key, digest)
         return digest, stat.st_size
+
+    def keep_only(self, paths: set[str]) -> None:
+        """Forget every file but `paths` (those the last full listing saw)."""
+        with self._lock:
+            self._entries = {path: entry for path, entry in self._entries.items() if path in paths}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -113,6 +117,7 @@ class LocalSource(ParallelFetch):
             return self._list_single(self.adapter_id)
         adapters: dict[str, RemoteAdapter] = {}
         skipped: dict[str, str] = {}
+        hashed: set[str] = set()
         for tenant_dir in sorted(self.root.iterdir()):
             if tenant_dir.name.startswith(".") or not tenant_dir.is_dir():
                 continue
@@ -128,7 +133,9 @@ class LocalSource(ParallelFetch):
                     continue  # removed while listing: gone next time too
                 if adapter is not None:
                     adapters[adapter.adapter_id] = adapter
+                    hashed.update(str(folder / file.name) for file in adapter.files)
         self.skipped = skipped
+        self.hash_cache.keep_only(hashed)
         return adapters
 
     def _list_single(self, adapter_id: str) -> dict[str, RemoteAdapter]:

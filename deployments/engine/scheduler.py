@@ -413,8 +413,10 @@ class Scheduler:
         generated = row.sampler.generated
         self.tokens_generated += generated
         if error is not None:
-            row.handle.fail(error if isinstance(error, LoraServeError) else
-                            LoraServeError(f"this request failed: {type(error).__name__}: {error}"))
+            if not isinstance(error, LoraServeError):
+                logger.error("a row of %s failed: %r", row.handle.adapter_id, error)
+                error = LoraServeError(f"this request failed in the engine ({type(error).__name__})")
+            row.handle.fail(error)
         else:
             row.handle.finish(reason or "stop", generated)
         if row.slot_key is not None:

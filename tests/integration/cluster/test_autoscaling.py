@@ -124,12 +124,25 @@ def test_a_load_step_spreads_replicas_over_the_nodes_and_back_with_no_failed_req
         assert len(new) == 2
         assert all(s["prewarmed"] and s["prewarmed"][0] == "acme/a" for s in new), [s["prewarmed"] for s in new]
         assert all(s["host_cache"]["misses"] >= 1 and s["slots"]["hits"] >= 1 for s in new)  # loaded, served; S3 down
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            health = http.get("/healthz")
+            assert health.status_code == 200 and health.json()["store"] == "degraded", health.text
+            assert health.json()["sources_unreachable"] == 1 and s3.endpoint not in health.text
+            store = http.get("/admin/store").json()
+            assert store["status"] == "degraded" and store["sources"][0]["reachable"] is False
+            assert store["serving"] == len(ADAPTERS)  # nothing dropped while S3 is down
 
         started_s = time.monotonic()
         wait_until(lambda: running_replicas() == 1, 120, "scaling back in to 1 replica", interval_s=0.5)
         scale_down_s = time.monotonic() - started_s
         assert len(load.statuses) > 20
         assert load.failures == [], load.failures[:5]
+        s3.start()
+        with httpx.Client(base_url=base_url, timeout=60) as http:
+            assert http.post("/admin/sync").status_code == 200
+            assert http.get("/healthz").json()["store"] == "ok"
+            assert http.get("/admin/store").json()["status"] == "ok"
+            assert http.post("/v1/completions", json={"model": "acme/b", "prompt": "hi", "max_tokens": 2}).status_code == 200
         print(f"scale up {scale_up_s:.1f} s, down {scale_down_s:.1f} s, {len(load.statuses)} requests, "
               f"nodes {sorted(set(nodes.values()))}")
         assert cluster is not None

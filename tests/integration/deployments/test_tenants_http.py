@@ -4,8 +4,13 @@ and an adapter store on a local folder, real HTTP (httpx and the openai SDK)."""
 from __future__ import annotations
 
 import concurrent.futures
+import http.client as http_client
 import json
+import os
 import time
+import urllib.parse
+from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -184,9 +189,24 @@ def test_warm_replicas_are_listed(http):
                "a replica to report acme/pirate warm", interval_s=0.5)
 
 
+def test_a_flooding_tenant_gets_429_past_its_share_of_the_queue_and_the_others_are_served(http):
+    """Replicas 2 x max_ongoing 2 + max_queued 2 = 6 places, half of them (3) acme's."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
+        flood = [pool.submit(complete, http, ACME, "acme/pirate", max_tokens=64) for _ in range(20)]
+        quiet = [complete(http, GLOBEX, "globex/poet", max_tokens=4) for _ in range(2)]
+        responses = [future.result() for future in flood]
+    statuses = [r.status_code for r in responses]
+    assert 200 in statuses and 429 in statuses and 503 not in statuses, statuses
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "rate_limited" and "share of this server's queue" in refused.text
+    assert int(refused.headers["retry-after"]) >= 1
+    assert [r.status_code for r in quiet] == [200, 200]
+
+
 def test_overload_is_503_with_retry_after(http):
+    """Admin keys hold no share: their flood fills Serve's queue."""
     def one(_):
-        return complete(http, ACME, "acme/pirate", max_tokens=64)
+        return complete(http, ADMIN, "acme/pirate", max_tokens=64)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=24) as pool:
         responses = list(pool.map(one, range(24)))
@@ -472,6 +492,419 @@ def test_a_tenant_over_its_rate_limit_gets_429_and_the_others_are_served(http):
     assert all(complete(http, ADMIN, BASE_MODEL).status_code == 200 for _ in range(3))
 
 
+# ---- bad input to the admin and tenant endpoints: one matrix, and nothing changes ---------------
+# The plain completion bodies are test_serve_http.BAD_REQUESTS; these are the admin API's, the merge
+# endpoint's and every endpoint's keys. Requests go out through http.client: httpx resolves '..' in
+# a URL's path before sending it, and these rows must reach the server as written.
+
+BAD_KEY = "Bearer sk-wrong-key-123"
+FOREIGN_TO_ACME = ("globex",)  # globex/poet and any other globex id
+
+
+class _Tripwire:
+    """Unpickling this creates the folder `path`: a store or replica that unpickled weights would
+    leave it behind."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+class Raw(NamedTuple):
+    """A body sent as these bytes, with this content type."""
+
+    content: bytes
+    content_type: str = "application/json"
+
+
+class Row(NamedTuple):
+    name: str
+    method: str
+    path: str  # sent as written: no dot segments resolved, no percent-decoding
+    key: str | None
+    body: object  # None: no body; Raw: those bytes; anything else: sent as JSON
+    status: int
+    error_type: str
+    reason: str | None = None  # InvalidAdapterError's reason
+    recorded: bool = False  # a checkpoint refused after it was fetched: a rejected record, documented (syncer.register)
+
+
+class Answer(NamedTuple):
+    status: int
+    content_type: str
+    www_authenticate: str | None
+    text: str
+
+
+def send(method: str, path: str, key: str | None, body: object) -> Answer:
+    url = urllib.parse.urlsplit(BASE_URL)
+    headers = {} if key is None else {"Authorization": key}
+    content = None
+    if isinstance(body, Raw):
+        content, headers["Content-Type"] = body.content, body.content_type
+    elif body is not None:
+        content, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    connection = http_client.HTTPConnection(url.hostname, url.port, timeout=120)
+    try:
+        connection.request(method, path, body=content, headers=headers)
+        response = connection.getresponse()
+        return Answer(response.status, response.getheader("content-type") or "", response.getheader("www-authenticate"),
+                      response.read().decode("utf-8", "replace"))
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(folders):
+    """Folders under the allowlisted root whose checkpoints the store must refuse, broken the way the
+    checkpoint unit tests break them (their builders, reused), plus what only a folder can be."""
+    import pickle
+
+    from lora_core.settings import EngineConfig
+    from tests.support.adapters import edit_adapter_config, make_peft_adapter
+    from tests.unit.lora_core import test_checkpoint as breakers
+
+    root = folders["root"] / "bad"
+
+    def built(name: str, build) -> Path:
+        where = root / name
+        where.mkdir(parents=True)
+        return build(lambda sub, **options: make_peft_adapter(where / sub, seed=9, **options), where)
+
+    tripwire = root / "unpickled"  # must never exist
+    found = {
+        "truncated": built("truncated", breakers._weights_bytes(lambda data: data[: len(data) // 2])),
+        "pickle_bin": built("pickle_bin", breakers._pickle_only),  # PEFT's own adapter_model.bin
+        "pickle_bytes": built("pickle_bytes", breakers._weights_bytes(lambda data: pickle.dumps(_Tripwire(tripwire)))),
+        "wider_base": built("wider_base", breakers._wider_llama),  # named tiny-random-llama, shaped otherwise
+        "nan": built("nan", breakers._poison(float("nan"), "B")),
+        "inf": built("inf", breakers._poison(float("inf"), "A")),
+        "other_base": make_peft_adapter(root / "other_base", seed=9),
+        "oversized": make_peft_adapter(root / "oversized", seed=9),
+        "symlinked": make_peft_adapter(root / "symlinked", seed=9),
+        "empty": root / "empty",
+        "empty_source": root / "empty_source",
+        "link_out": root / "link_out",
+        "tripwire": tripwire,
+    }
+    edit_adapter_config(found["other_base"], base_model_name_or_path="meta-llama/Llama-3.1-8B")
+    # Over the size limit (the app leaves max_adapter_bytes at its default) by one byte, sparse: no
+    # disk or memory spent on it until the store copies it, and it is refused before it is parsed.
+    os.truncate(found["oversized"] / "adapter_model.safetensors", EngineConfig().max_adapter_bytes + 1)
+    weights = found["symlinked"] / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(folders["extra"] / "adapter_model.safetensors")  # a file outside its folder
+    found["empty"].mkdir()
+    found["empty_source"].mkdir()
+    found["link_out"].symlink_to(folders["root"].parent, target_is_directory=True)  # out of the allowed root
+    yield found
+    (found["oversized"] / "adapter_model.safetensors").unlink()
+
+
+def bad_input_rows(folders: dict, bad: dict) -> list[Row]:
+    root, extra = str(folders["root"]), str(folders["extra"])
+    pirate = "/admin/adapters/acme/pirate"
+    register = {"adapter_id": "acme/auth-probe", "uri": extra}  # would register, if the key were let through
+    merge = {**MERGE, "name": "acme/auth-probe"}
+    calls = [  # every admin call, with a body it would accept: the keys decide alone
+        ("GET", "/admin/adapters", None), ("POST", "/admin/adapters", register),
+        ("GET", pirate, None), ("DELETE", pirate, None), ("GET", "/admin/adapters/globex/poet", None),
+        ("POST", f"{pirate}/disable", {"fallback": "base"}), ("POST", f"{pirate}/enable", None),
+        ("POST", f"{pirate}/rollback", None), ("POST", f"{pirate}/pin", {"replicas": 2}), ("DELETE", f"{pirate}/pin", None),
+        ("POST", "/admin/sources", {"uri": str(bad["empty_source"])}), ("POST", "/admin/sync", None),
+        ("GET", "/admin/store", None),
+    ]
+    rows = [Row(f"{method} {path}: {who}", method, path, key, body, status, error_type)
+            for method, path, body in calls
+            for who, key, status, error_type in (("a tenant key", ACME, 403, "forbidden"),
+                                                 ("no key", None, 401, "unauthorized"),
+                                                 ("a bad key", BAD_KEY, 401, "unauthorized"))]
+    rows += [Row(f"{method} {path}: {who}", method, path, key, body, 401, "unauthorized")
+             for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/adapters/merge", merge))
+             for who, key in (("no key", None), ("a bad key", BAD_KEY), ("a Basic key", "Basic c2stYWNtZS1kZW1v"))]
+
+    def registration(name: str, uri: str, status: int, error_type: str, reason: str | None = None, **fields) -> Row:
+        body = {"adapter_id": "acme/bad", "uri": uri, **fields}
+        return Row(f"register: {name}", "POST", "/admin/adapters", ADMIN, body, status, error_type, reason)
+
+    def checkpoint(name: str, folder: Path, reason: str) -> Row:
+        body = {"adapter_id": f"acme/bad-{name.replace(' ', '-')}", "uri": str(folder)}
+        return Row(f"register a checkpoint: {name}", "POST", "/admin/adapters", ADMIN, body, 422, "invalid_adapter",
+                   reason, recorded=True)
+
+    R, BODY = Row, "invalid_request_body"
+    rows += [
+        # POST /admin/adapters: bodies that do not parse or validate
+        R("register: malformed JSON", "POST", "/admin/adapters", ADMIN, Raw(b'{"adapter_id": "acme/x", "uri": '), 422,
+          BODY),
+        R("register: a JSON array", "POST", "/admin/adapters", ADMIN, ["acme/x", extra], 422, BODY),
+        R("register: a JSON string", "POST", "/admin/adapters", ADMIN, "acme/x", 422, BODY),
+        R("register: JSON null", "POST", "/admin/adapters", ADMIN, Raw(b"null"), 422, BODY),
+        R("register: no body", "POST", "/admin/adapters", ADMIN, None, 422, BODY),
+        R("register: bad UTF-8", "POST", "/admin/adapters", ADMIN, Raw(b'{"adapter_id": "acme/\xff\xfe", "uri": "/x"}'),
+          422, BODY),
+        R("register: JSON sent as text/plain", "POST", "/admin/adapters", ADMIN,
+          Raw(json.dumps({"adapter_id": "acme/x", "uri": extra}).encode(), "text/plain"), 422, BODY),
+        R("register: an id that is a number", "POST", "/admin/adapters", ADMIN, {"adapter_id": 5, "uri": extra}, 422, BODY),
+        R("register: a uri that is a list", "POST", "/admin/adapters", ADMIN, {"adapter_id": "acme/x", "uri": [extra]},
+          422, BODY),
+        R("register: options that are a string", "POST", "/admin/adapters", ADMIN,
+          {"adapter_id": "acme/x", "uri": extra, "options": "fast"}, 422, BODY),
+        R("register: an unknown field", "POST", "/admin/adapters", ADMIN,
+          {"adapter_id": "acme/x", "uri": extra, "tenant": "globex"}, 422, BODY),
+        # a body that decodes but does not validate is refused for its key first (one that does not: UNDECODED_BODIES)
+        R("register: wrong types, no key", "POST", "/admin/adapters", None, {"adapter_id": 5, "uri": []}, 401,
+          "unauthorized"),
+        R("register: wrong types, a tenant key", "POST", "/admin/adapters", ACME, {"adapter_id": 5}, 403, "forbidden"),
+        R("pin: a wrong type, a bad key", "POST", f"{pirate}/pin", BAD_KEY, {"replicas": "many"}, 401, "unauthorized"),
+        R("register: a body over 1 MiB", "POST", "/admin/adapters", ADMIN,
+          {"adapter_id": "acme/x", "uri": extra, "options": {"pad": "x" * (1 << 20)}}, 413, "body_too_large"),
+        # ids with path tricks (the folder is a good adapter: only the id is wrong)
+        *[R(f"register: the id {adapter_id[:40]!r}", "POST", "/admin/adapters", ADMIN,
+            {"adapter_id": adapter_id, "uri": extra}, 400, "invalid_adapter_id")
+          for adapter_id in ("acme/../globex/poet", "../globex/poet", "acme/..", "acme/%2e%2e", "acme%2fpoet",
+                             "acme%2F..%2Fglobex", "/acme/x", "/etc/passwd", "acme/x/../../y", "acme\\..\\x", "./acme/x",
+                             "acme/x\x00", "ACME/x", "acme/pir\u0430te", "acme/" + "x" * 10_000)],
+        # URIs outside the allowed roots, or no URI at all
+        *[registration(f"the uri {uri!r}", uri, 403, "forbidden")
+          for uri in ("/etc", "file:///etc", f"{root}/../..", f"file://{root}/%2e%2e/%2e%2e", f"{root}/bad/link_out",
+                      str(folders["root"].parent), "s3://another-bucket/adapters", "hf://another-org/adapters")],
+        *[registration(f"the uri {uri!r}", uri, 400, "invalid_request")
+          for uri in ("", "relative/folder", "ftp://host/adapters", "file://host/adapters", f"{root}/x\x00y",
+                      "s3://Bad_Bucket/x", "hf://org/repo@../main")],
+        # options an API call may not set, or of the wrong type (checked before the allowlist)
+        *[registration(f"the options {options!r} for {uri.split(':')[0]}", uri, 422, BODY, options=options)
+          for uri, options in ((extra, {"endpoint_url": "http://attacker.example"}), (extra, {"cache_dir": "/etc"}),
+                               (extra, {"read_timeout_s": 5}), (extra, {"token": "hf_secret"}),
+                               ("s3://another-bucket/x", {"read_timeout_s": "x"}),
+                               ("s3://another-bucket/x", {"read_timeout_s": -1}),
+                               ("s3://another-bucket/x", {"connect_timeout_s": 10**30}),
+                               ("s3://another-bucket/x", {"aws_secret_access_key": "k"}),
+                               ("s3://another-bucket/x", {"endpoint_url": "http://attacker.example"}))],
+        R("register: a NaN option", "POST", "/admin/adapters", ADMIN,
+          Raw(b'{"adapter_id": "acme/x", "uri": "s3://another-bucket/x", "options": {"read_timeout_s": NaN}}'), 422, BODY),
+        # folders under the allowed root that hold no adapter, or one the store must refuse
+        # (refused before anything is recorded; a missing local folder is a source that cannot be reached, local.py)
+        registration("the store's own folder", str(folders["store"]), 422, "invalid_adapter", "missing_file"),
+        registration("a folder that does not exist", f"{root}/bad/nowhere", 503, "source_unavailable"),
+        registration("a file, not a folder", f"{extra}/adapter_config.json", 503, "source_unavailable"),
+        registration("a folder with no files", str(bad["empty"]), 422, "invalid_adapter", "missing_file"),
+        registration("weights linked from outside the folder", str(bad["symlinked"]), 422, "invalid_adapter",
+                     "missing_file"),
+        checkpoint("truncated", bad["truncated"], "corrupt_file"),
+        checkpoint("pickle bin", bad["pickle_bin"], "pickle_file"),
+        checkpoint("pickle bytes", bad["pickle_bytes"], "corrupt_file"),  # read as safetensors, never unpickled
+        checkpoint("wider base", bad["wider_base"], "shape_mismatch"),
+        checkpoint("other base", bad["other_base"], "base_model_mismatch"),
+        checkpoint("over rank", folders["too_big"], "rank_too_large"),
+        checkpoint("nan", bad["nan"], "non_finite"),
+        checkpoint("inf", bad["inf"], "non_finite"),
+        checkpoint("oversized", bad["oversized"], "too_large"),
+
+        # POST /admin/sources
+        R("source: malformed JSON", "POST", "/admin/sources", ADMIN, Raw(b'{"uri": "/'), 422, BODY),
+        R("source: a JSON array", "POST", "/admin/sources", ADMIN, [str(bad["empty_source"])], 422, BODY),
+        R("source: bad UTF-8", "POST", "/admin/sources", ADMIN, Raw(b'{"uri": "/\xc3\x28"}'), 422, BODY),
+        R("source: a uri that is a number", "POST", "/admin/sources", ADMIN, {"uri": 5}, 422, BODY),
+        R("source: no uri", "POST", "/admin/sources", ADMIN, {}, 422, BODY),
+        R("source: an unknown field", "POST", "/admin/sources", ADMIN,
+          {"uri": str(bad["empty_source"]), "adapter_id": "acme/x"}, 422, BODY),
+        R("source: an option it may not set", "POST", "/admin/sources", ADMIN,
+          {"uri": str(bad["empty_source"]), "options": {"endpoint_url": "http://attacker.example"}}, 422, BODY),
+        R("source: a wrong-typed option", "POST", "/admin/sources", ADMIN,
+          {"uri": "s3://another-bucket/x", "options": {"connect_timeout_s": [1]}}, 422, BODY),
+        *[R(f"source: the uri {uri!r}", "POST", "/admin/sources", ADMIN, {"uri": uri}, 403, "forbidden")
+          for uri in ("/", "/proc/self", f"{root}/../..", f"file://{root}/%2E%2E", f"{root}/bad/link_out",
+                      "s3://another-bucket", "hf://another-org/adapters@main")],
+        R("source: a relative uri", "POST", "/admin/sources", ADMIN, {"uri": "adapters"}, 400, "invalid_request"),
+
+        # the adapter's own calls, on a served adapter: bodies that must change nothing
+        *[R(f"pin: replicas {value}", "POST", f"{pirate}/pin", ADMIN, Raw(f'{{"replicas": {value}}}'.encode()), 422,
+            BODY)
+          for value in ("-1", "0", "1025", str(10**30), "-" + str(10**30), "1e400", "NaN", "Infinity", "1.5",
+                        '"many"', '"2"', "true", "2.0", "[2]", "null", "{}")],
+        R("pin: malformed JSON", "POST", f"{pirate}/pin", ADMIN, Raw(b'{"replicas": 1'), 422, BODY),
+        R("pin: a JSON array", "POST", f"{pirate}/pin", ADMIN, [1], 422, BODY),
+        R("pin: bad UTF-8", "POST", f"{pirate}/pin", ADMIN, Raw(b'{"replicas": 1, "\xff": 1}'), 422, BODY),
+        R("pin: an unknown field", "POST", f"{pirate}/pin", ADMIN, {"replicas": 1, "everywhere": True}, 422, BODY),
+        R("pin: no body", "POST", f"{pirate}/pin", ADMIN, None, 422, BODY),
+        R("disable: an unknown fallback", "POST", f"{pirate}/disable", ADMIN, {"fallback": "other"}, 422, BODY),
+        R("disable: a number fallback", "POST", f"{pirate}/disable", ADMIN, {"fallback": 1}, 422, BODY),
+        R("disable: a JSON array", "POST", f"{pirate}/disable", ADMIN, ["base"], 422, BODY),
+        R("disable: malformed JSON", "POST", f"{pirate}/disable", ADMIN, Raw(b'{"fallback": "base"'), 422, BODY),
+        R("disable: bad UTF-8", "POST", f"{pirate}/disable", ADMIN, Raw(b'{"fallback": "bas\xe9"}'), 422, BODY),
+        R("disable: an unknown field", "POST", f"{pirate}/disable", ADMIN, {"fallback": "base", "until": 1}, 422, BODY),
+        R("rollback: no earlier version", "POST", f"{pirate}/rollback", ADMIN, None, 400, "invalid_request"),
+        R("list: include_deleted not a bool", "GET", "/admin/adapters?include_deleted=maybe", ADMIN, None, 422, BODY),
+
+        # unknown adapters
+        *[R(f"{method} {path}: unknown", method, path, ADMIN, body, 404, "adapter_not_found")
+          for method, path, body in (("GET", "/admin/adapters/acme/nobody", None),
+                                     ("GET", "/admin/adapters/globex/nobody", None),
+                                     ("DELETE", "/admin/adapters/acme/nobody", None),
+                                     ("POST", "/admin/adapters/acme/nobody/disable", {"fallback": "none"}),
+                                     ("POST", "/admin/adapters/shared/nobody/enable", None),
+                                     ("POST", "/admin/adapters/acme/nobody/rollback", None),
+                                     ("POST", "/admin/adapters/acme/nobody/pin", {"replicas": 1}),
+                                     ("DELETE", "/admin/adapters/acme/nobody/pin", None))],
+
+        # ids with path tricks in the path: a bad id is 400; a path no route has is 404
+        *[R(f"{method} {path}: a bad id", method, path, ADMIN, body, 400, "invalid_adapter_id")
+          for method, path, body in (("GET", "/admin/adapters/acme/..", None),
+                                     ("GET", "/admin/adapters/acme/%2e%2e", None),
+                                     ("GET", "/admin/adapters/%2e%2e/pirate", None),
+                                     ("GET", "/admin/adapters/acme/%2e", None),
+                                     ("DELETE", "/admin/adapters/%2E%2E/pirate", None),
+                                     ("POST", "/admin/adapters/acme/..%5C..%5Cglobex/pin", {"replicas": 1}),
+                                     ("POST", "/admin/adapters/acme/pirate%00/enable", None),
+                                     ("POST", "/admin/adapters/ACME/pirate/rollback", None),
+                                     ("POST", "/admin/adapters/acme/..%2e/disable", {"fallback": "base"}),
+                                     ("DELETE", "/admin/adapters/acme/pir%D0%B0te/pin", None))],
+        *[R(f"{method} {path}: no such route", method, path, ADMIN, body, 404, "not_found")
+          for method, path, body in (("DELETE", "/admin/adapters/acme/../globex/poet", None),
+                                     ("GET", "/admin/adapters/acme%2F..%2Fglobex/poet", None),
+                                     ("DELETE", "/admin/adapters/acme/nobody%2F..%2F..%2Fglobex%2Fpoet", None),
+                                     ("GET", "/admin/adapters/acme/%2Fetc%2Fpasswd", None),
+                                     ("POST", "/admin/adapters/%2Fetc/passwd/disable", {"fallback": "base"}),
+                                     ("POST", "/admin/adapters/acme/../../sources", {"uri": str(bad["empty_source"])}),
+                                     ("GET", "/admin/nothing", None))],
+        *[R(f"{method} {path}: wrong method", method, path, ADMIN, None, 405, "method_not_allowed")
+          for method, path in (("PUT", "/admin/adapters"), ("GET", "/admin/sync"), ("PATCH", pirate),
+                               ("POST", "/healthz"), ("DELETE", "/v1/models"))],
+
+        # POST /v1/adapters/merge (a tenant endpoint): what BAD_MERGES does not send
+        R("merge: malformed JSON", "POST", "/v1/adapters/merge", ACME, Raw(b'{"name": "acme/m", "adapters": ['), 422,
+          BODY),
+        R("merge: a JSON array", "POST", "/v1/adapters/merge", ACME, [MERGE], 422, BODY),
+        R("merge: bad UTF-8", "POST", "/v1/adapters/merge", ACME, Raw(b'{"name": "acme/\xc0\xaf"}'), 422, BODY),
+        R("merge: as text/plain", "POST", "/v1/adapters/merge", ACME, Raw(json.dumps(MERGE).encode(), "text/plain"), 422,
+          BODY),
+        *[R(f"merge: the name {name!r}", "POST", "/v1/adapters/merge", ACME, {**MERGE, "name": name}, 422, BODY)
+          for name in ("acme/../globex/x", "acme/%2e%2e", "/acme/x", "acme\\x", "acme/x/y", "", 5)],
+        R("merge: an input id with '..'", "POST", "/v1/adapters/merge", ACME,
+          {**MERGE, "adapters": [{"id": "acme/../shared/french", "weight": 1.0}]}, 422, BODY),
+        *[R(f"merge: {field} {value}", "POST", "/v1/adapters/merge", ACME,
+            Raw(json.dumps(MERGE)[:-1].encode() + f', "{field}": {value}}}'.encode()), 422, BODY)
+          for field, value in (("seed", "-1"), ("seed", str(10**30)), ("svd_rank", "-1"), ("density", "NaN"))],
+        *[R(f"merge: weight {value}", "POST", "/v1/adapters/merge", ACME,
+            Raw(f'{{"name": "acme/m", "adapters": [{{"id": "acme/pirate", "weight": {value}}}]}}'.encode()), 422, BODY)
+          for value in ("NaN", "Infinity", "-Infinity", "1e400", '"heavy"', "null")],
+        R("merge: svd_rank 10**30", "POST", "/v1/adapters/merge", ACME,
+          {**MERGE, "combination_type": "svd", "svd_rank": 10**30}, 400, "invalid_request"),
+    ]
+    return rows
+
+
+def answer_problems(row: Row, answer: Answer, folders: dict) -> list[str]:
+    """What is wrong with the answer to a row: status, a JSON error of its type, nothing leaked."""
+    where = f"{row.name!r} ({row.method} {row.path})"
+    problems = []
+    if answer.status != row.status:
+        problems.append(f"{where}: status {answer.status}, expected {row.status}: {answer.text[:300]}")
+    try:
+        error = json.loads(answer.text)["error"]
+        assert isinstance(error, dict) and isinstance(error["message"], str) and error["message"]
+    except Exception:
+        return [*problems, f"{where}: not a JSON error body ({answer.content_type}): {answer.text[:300]!r}"]
+    if not answer.content_type.startswith("application/json"):
+        problems.append(f"{where}: content type {answer.content_type!r}")
+    if error.get("type") != row.error_type:
+        problems.append(f"{where}: error type {error.get('type')!r}, expected {row.error_type!r}: {answer.text[:300]}")
+    if row.reason is not None and error.get("reason") != row.reason:
+        problems.append(f"{where}: reason {error.get('reason')!r}, expected {row.reason!r}: {error['message'][:300]}")
+    if "Traceback" in answer.text or 'File "' in answer.text:
+        problems.append(f"{where}: a traceback in the answer: {answer.text[:300]}")
+    if row.status == 401 and answer.www_authenticate != "Bearer":
+        problems.append(f"{where}: WWW-Authenticate {answer.www_authenticate!r}")
+    if row.key != ADMIN:  # a tenant, or nobody: no other tenant's ids, no server paths, no keys back
+        sent = f"{row.path} {row.body!r}"  # the caller's own words may come back to it
+        named = [*FOREIGN_TO_ACME, str(folders["root"]), "sk-"]
+        if row.key is None or row.key == BAD_KEY:
+            named += ["acme/", "shared/"]
+        leaked = [text for text in named if text in answer.text and text not in sent]
+        if leaked:
+            problems.append(f"{where}: the answer names {leaked}: {answer.text[:300]}")
+    return problems
+
+
+def observable_state(http) -> dict:
+    """What the matrix must not change: every adapter's record (status, serving version, where it
+    comes from, disabled, pins), what each key may use, and the sources the store watches."""
+    records = http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"]
+    sources = http.get("/admin/store", headers=auth(ADMIN)).json()["sources"]
+    return {
+        "adapters": {r["adapter_id"]: (r["status"], (r["serving"] or {}).get("version"),
+                                       (r["serving"] or {}).get("sha256"), r["source_uri"], r["disabled"],
+                                       r["pin_replicas"]) for r in records},
+        "models": {key: model_ids(http, key) for key in (ACME, GLOBEX, ADMIN)},
+        "sources": sorted((s["uri"], s["adapter_id"]) for s in sources),
+    }
+
+
+def greedy_answers(http, adapters: dict) -> dict[str, str]:
+    served = [BASE_MODEL, *sorted(a for a, (status, *_) in adapters.items() if status == "ready")]
+    return {model: greedy_text(http, ADMIN, model) for model in served}
+
+
+def test_bad_admin_and_tenant_input_is_refused_with_a_json_error_and_changes_nothing(http, folders, bad_checkpoints):
+    """Every row gets its status and a JSON error of its type, with no traceback, and a tenant's or a
+    stranger's answer names no other tenant's adapters, no server path and no key. After all of them,
+    every adapter's record and its greedy answer are as before, and no adapter was added but the
+    rejected records a refused checkpoint leaves (documented in `AdapterSyncer.register`; removed here)."""
+    rows = bad_input_rows(folders, bad_checkpoints)
+    assert len({row.name for row in rows}) == len(rows), "row names must be unique"
+    recorded = {row.body["adapter_id"]: row.reason for row in rows if row.recorded}
+    before = observable_state(http)
+    texts = greedy_answers(http, before["adapters"])
+    assert len(texts) > 3, texts
+    problems: list[str] = []
+    try:
+        for row in rows:
+            problems += answer_problems(row, send(row.method, row.path, row.key, row.body), folders)
+        after = observable_state(http)
+        new = sorted(set(after["adapters"]) - set(before["adapters"]))
+        assert {a: v for a, v in after["adapters"].items() if a in before["adapters"]} == before["adapters"], problems
+        assert new == sorted(recorded), (new, problems)  # no new adapter, but the documented rejected records
+        for adapter_id in new:
+            record = http.get(f"/admin/adapters/{adapter_id}", headers=auth(ADMIN)).json()
+            assert record["status"] == "rejected" and record["serving"] is None, record
+            assert record["current"]["reason_code"] == recorded[adapter_id], record["current"]
+        assert after["models"] == before["models"], problems
+        assert [s for s in after["sources"] if s[1] not in recorded] == before["sources"], problems
+        assert greedy_answers(http, before["adapters"]) == texts, problems
+        assert not bad_checkpoints["tripwire"].exists(), "a weights file was unpickled"
+        assert not problems, "\n".join(problems)
+    finally:
+        current = http.get("/admin/adapters", headers=auth(ADMIN)).json()["data"]
+        for adapter_id in sorted({r["adapter_id"] for r in current} - set(before["adapters"])):
+            assert http.delete(f"/admin/adapters/{adapter_id}", headers=auth(ADMIN)).status_code == 200
+    assert observable_state(http) == before
+
+
+# A body that does not decode (malformed JSON, bad UTF-8) is refused for its key first too: FastAPI
+# decodes a body before it runs the route's key dependency, so the ingress checks keys in a
+# middleware (deployments/key_check.py) before any body is read.
+UNDECODED_BODIES = [
+    Row("register: malformed JSON, no key", "POST", "/admin/adapters", None, Raw(b'{"adapter_id": '), 401,
+        "unauthorized"),
+    Row("register: bad UTF-8, a bad key", "POST", "/admin/adapters", BAD_KEY, Raw(b'{"uri": "\xff"}'), 401,
+        "unauthorized"),
+    Row("register: malformed JSON, a tenant key", "POST", "/admin/adapters", ACME, Raw(b'{"uri": '), 403, "forbidden"),
+    Row("pin: malformed JSON, no key", "POST", "/admin/adapters/acme/pirate/pin", None, Raw(b'{"replicas": '), 401,
+        "unauthorized"),
+    Row("merge: malformed JSON, no key", "POST", "/v1/adapters/merge", None, Raw(b'{"name": '), 401, "unauthorized"),
+    Row("completions: malformed JSON, no key", "POST", "/v1/completions", None, Raw(b'{"model": '), 401, "unauthorized"),
+]
+
+
+@pytest.mark.parametrize("row", [pytest.param(row, id=row.name) for row in UNDECODED_BODIES])
+def test_a_body_that_does_not_decode_is_refused_for_its_key_first(http, folders, row):
+    problems = answer_problems(row, send(row.method, row.path, row.key, row.body), folders)
+    assert not problems, "\n".join(problems)
+
+
 def test_a_killed_store_restarts_with_its_registry_and_serving_never_stops(http):
     """Ray restarts the detached store (max_restarts=-1); it reloads its manifest. Meanwhile the
     replicas serve from their slots, and admin calls answer 200 or a 503 JSON, never hang."""
@@ -492,4 +925,16 @@ def test_a_killed_store_restarts_with_its_registry_and_serving_never_stops(http)
     after = sorted((r["adapter_id"], r["serving"]["version"]) for r in http.get(
         "/admin/adapters", headers=auth(ADMIN)).json()["data"] if r["serving"])
     assert after == before
+    assert complete(http, GLOBEX, "globex/poet").status_code == 200
+
+    def warm_on(adapter_id: str) -> list:
+        return http.get(f"/admin/adapters/{adapter_id}", headers=auth(ADMIN)).json()["warm_on"]
+
+    # the replicas poll the restarted store (what they hold warm reaches it) and hear its broadcasts
+    wait_until(lambda: warm_on("globex/poet"), 30, "the replicas to report to the restarted store", interval_s=0.5)
+    assert http.post("/admin/adapters/globex/poet/disable", headers=auth(ADMIN)).status_code == 200
+    try:
+        wait_until(lambda: not warm_on("globex/poet"), 30, "the replicas to drop the disabled adapter", interval_s=0.5)
+    finally:
+        assert http.post("/admin/adapters/globex/poet/enable", headers=auth(ADMIN)).status_code == 200
     assert complete(http, GLOBEX, "globex/poet").status_code == 200

@@ -3,13 +3,16 @@ validated against the tiny model's slot geometry; restarts read the manifest bac
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
+import threading
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 from adapters_store.registry import SourceSpec
+from adapters_store.sources import source_for_uri
 from lora_core.changes import AdapterChange
 from lora_core.errors import AdapterNotFoundError, InvalidAdapterError, InvalidAdapterIdError, SourceUnavailableError
 from lora_core.settings import SourceInput
@@ -404,3 +407,50 @@ def test_a_lost_serving_copy_is_fetched_from_its_own_folder_never_a_whole_root(t
     report = syncer.sync()
     assert [c.adapter_id for c in report.changes] == ["globex/secret"]
     assert syncer.serving_checkpoint("globex/secret")[0] != secret_before
+
+
+def test_a_sync_downloading_holds_no_lock_that_deletes_and_status_wait_for(tmp_path, geometry, place):
+    """A download of a new version is held at a gate: meanwhile status, pin and a delete answer,
+    and the deleted adapter is not brought back by the sync that fetched it."""
+    folder = place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "src" / "shared" / "french", seed=1)
+    downloading, gate = threading.Event(), threading.Event()
+
+    def gated_source(uri, **options):
+        source = source_for_uri(uri, **options)
+        fetch_many = source.fetch_many
+
+        def held(adapters, dest_root, max_workers=4):
+            adapters = list(adapters)
+            if adapters:
+                downloading.set()
+                assert gate.wait(30)
+            return fetch_many(adapters, dest_root, max_workers=max_workers)
+
+        source.fetch_many = held
+        return source
+
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
+    gate.set()
+    syncer.sync()
+    gate.clear()
+    syncer._source_factory, syncer._sources = gated_source, {}
+    place(folder, seed=1)
+    place(tmp_path / "src" / "shared" / "french", seed=0)
+    background = threading.Thread(target=syncer.sync)
+    background.start()
+    try:
+        assert downloading.wait(10)
+        with concurrent.futures.ThreadPoolExecutor(1) as meanwhile:  # blocked behind the download: TimeoutError
+            assert meanwhile.submit(syncer.status).result(timeout=5)["adapters"] == 2
+            assert meanwhile.submit(syncer.pin, "shared/french", 1).result(timeout=5).pin_replicas == 1
+            deleted = meanwhile.submit(syncer.delete, "acme/pirate").result(timeout=5)
+            assert deleted == [AdapterChange("acme/pirate", None)]
+    finally:
+        gate.set()
+        background.join(10)
+    assert not background.is_alive()
+    with pytest.raises(AdapterNotFoundError):
+        syncer.record("acme/pirate")
+    assert syncer.record("shared/french").status == "ready"
+    assert not (tmp_path / "store" / "staging" / "acme" / "pirate").exists()

@@ -39,7 +39,7 @@ def config(**fields) -> TenantsConfig:
 def test_public_surface_is_pinned():
     assert sorted(tenants.__all__) == sorted([
         "ADMIN", "ADMIN_CALLER", "Caller", "DEMO_KEYS", "KeyRing", "MIN_KEY_CHARS", "OPEN_ACCESS",
-        "TenantKeys", "TenantsConfig", "demo_tenants_config", "key_sha256", "uses_demo_keys"])
+        "OPEN_ACCESS_WARNING", "PLAINTEXT_KEYS_WARNING", "PlaintextKeys", "TenantKeys", "TenantsConfig", "demo_tenants_config", "key_sha256", "uses_demo_keys"])
 
 
 def test_key_sha256_is_the_hex_sha256_of_the_key():
@@ -288,3 +288,25 @@ def test_the_app_fails_closed_without_a_key_unless_auth_none_is_said():
     for keyed in ({"keys_env": "LS_KEYS"}, {"admin_keys": ["sk-admin-12345"]},
                   {"tenants": {"acme": {"key_sha256": [key_sha256(ACME_KEY)]}}}):
         assert AppArgs.model_validate({"tenants": keyed, "replica": replica}).tenants.names_a_key()
+
+
+def test_plaintext_keys_in_the_args_warn_at_build_and_hashes_do_not(caplog):
+    """Ray keeps the app's args as given (`serve config`, the dashboard): plaintext keys stay readable there."""
+    from deployments.app import build_app
+    from deployments.tenants import PLAINTEXT_KEYS_WARNING, PlaintextKeys
+
+    replica = {"base_model": "tiny-random-llama", "compile": "off"}
+    plain = ({"tenants": {"acme": {"keys": [ACME_KEY]}}}, {"admin_keys": ["sk-admin-12345"]})
+    for given in plain:
+        assert PlaintextKeys.model_validate(given).any()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="deployments.app"):
+            build_app({"tenants": given, "replica": replica})
+        assert [r.getMessage() for r in caplog.records] == [PLAINTEXT_KEYS_WARNING]
+    hashed = {"tenants": {"acme": {"key_sha256": [key_sha256(ACME_KEY)]}}, "keys_env": "LS_KEYS"}
+    assert not PlaintextKeys.model_validate(hashed).any()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deployments.app"):
+        build_app({"tenants": hashed, "replica": replica})
+        build_app({"tenants": demo_tenants_config().model_dump(mode="json"), "replica": replica})  # its own warning
+    assert caplog.records == []

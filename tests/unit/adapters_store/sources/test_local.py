@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import time
 from pathlib import Path
 
@@ -69,6 +70,23 @@ def test_local_hash_cache_skips_rehashing_unchanged_files(local_root):
     small = FileHashCache(max_entries=2)
     assert LocalSource(local_root, hash_cache=small).list_adapters() == first
     assert len(small) == 2  # bounded
+
+
+def test_a_hash_cache_smaller_than_the_root_still_hits_and_forgets_removed_files(local_root):
+    """A listing reads the files in the same order every time: an LRU smaller than the root would
+    evict each file just before it is read again (no hits ever)."""
+    old = time.time() - 3600
+    for path in local_root.rglob("*"):
+        os.utime(path, (old, old))
+    cache = FileHashCache(max_entries=2)
+    source = LocalSource(local_root, hash_cache=cache)
+    first = source.list_adapters()
+    assert source.list_adapters() == first
+    assert (cache.misses, cache.hits) == (4 + 2, 2)
+    kept = sorted(cache._entries)
+    shutil.rmtree(Path(kept[0]).parent)
+    source.list_adapters()
+    assert all(Path(path).parent.exists() for path in cache._entries)
 
 def test_local_hash_cache_rehashes_recently_written_files(tmp_path):
     path = tmp_path / "f"
