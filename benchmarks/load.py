@@ -2,13 +2,14 @@
 under the flood, and the replicas' memory growth.
 
     python -m benchmarks.load [--quick] [--model tiny|smollm2] [--duration-s S] [--flood-users N]
+                              [--flood-rate-per-s R] [--flood-wait-s W]
 
 locust (installed under .cache/locust-venv on first use) runs headless in its own process
 against the local app (`build_app`: 2 replicas of 1 CPU, auth keys, each tenant rate-limited
 to `--rate-per-s` with a burst as large, one adapter per tenant from a local store source).
   alone   acme, 1 user with a 0.5 s pause, for `--alone-s`
   flood   acme as before, globex 2 users with a 0.5 s pause, initech `--flood-users` users
-          with no pause, for `--duration-s`
+          with no pause (`--flood-wait-s`), for `--duration-s`
 Prints requests, status_counts, errors_5xx (5xx but 503 with Retry-After), retry_after_503,
 p50_ms and p99_ms (200s of the flood phase), p99_quiet_tenant_ms_alone,
 p99_quiet_tenant_ms_with_flood and rss_growth_mb (the replicas' RSS before the flood phase and
@@ -31,6 +32,7 @@ from benchmarks.common import log, percentile
 
 APP = "lora-serve"
 TENANTS = {"acme": "sk-load-acme-0001", "globex": "sk-load-globex-01", "initech": "sk-load-initech-1"}
+FLOODER = "initech"
 LOCUST_VENV = common.REPO_ROOT / ".cache" / "locust-venv"
 LOCUST_VERSION = "2.47.0"
 
@@ -45,11 +47,17 @@ def locust_bin() -> Path:
     return binary
 
 
-def app_args(model: str, source: str, store_root: str, rate_per_s: float) -> dict:
+def rate_limit(requests_per_s: float) -> dict:
+    return {"requests_per_s": requests_per_s, "burst": max(1, int(requests_per_s))}
+
+
+def app_args(model: str, source: str, store_root: str, rate_per_s: float, flood_rate_per_s: float | None = None) -> dict:
+    tenants = {t: {"keys": [k]} for t, k in TENANTS.items()}
+    if flood_rate_per_s is not None:
+        tenants[FLOODER]["rate_limit"] = rate_limit(flood_rate_per_s)
     return {
         "num_replicas": 2, "replica_num_cpus": 1, "max_queued_requests": 32,
-        "tenants": {"tenants": {t: {"keys": [k]} for t, k in TENANTS.items()},
-                    "rate_limit": {"requests_per_s": rate_per_s, "burst": max(1, int(rate_per_s))}},
+        "tenants": {"tenants": tenants, "rate_limit": rate_limit(rate_per_s)},
         "replica": {"base_model": common.engine_model_name(model), "compile": "off", "num_slots": 4,
                     "max_num_seqs": 4, "max_seq_len": 128, "max_new_tokens": 32, "torch_threads": 1,
                     "store": {"name": "bench-load-store", "root": store_root, "sync_interval_s": 5,
@@ -96,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--alone-s", type=float, default=None, help="the quiet tenant alone (default 30, --quick 20)")
     p.add_argument("--flood-users", type=int, default=16)
     p.add_argument("--rate-per-s", type=float, default=10.0, help="each tenant's rate limit")
+    p.add_argument("--flood-rate-per-s", type=float, default=None,
+                   help="the flooding tenant's own rate limit (default --rate-per-s); to tell 429 churn from busy rows")
+    p.add_argument("--flood-wait-s", type=float, default=0.0, help="the flooding users' pause between requests")
     p.add_argument("--max-tokens", type=int, default=16)
     args = p.parse_args(argv)
     args.duration_s = args.duration_s or (30.0 if args.quick else 60.0)
@@ -115,14 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp, \
             multi_node_ray(1, cpus_per_node=2, http_port=http_port, dashboard_port=free_port()):
         write_adapters(args.model, Path(tmp) / "src", args.seed)
-        serve.run(build_app(app_args(args.model, str(Path(tmp) / "src"), str(Path(tmp) / "store"), args.rate_per_s)),
-                  name=APP, route_prefix="/")
+        serve.run(build_app(app_args(args.model, str(Path(tmp) / "src"), str(Path(tmp) / "store"), args.rate_per_s,
+                                     args.flood_rate_per_s)), name=APP, route_prefix="/")
         common.wait_until(lambda: _models_listed(url), 120, "the store's first sync", interval_s=0.5)
         log(f"phase alone: acme only, {args.alone_s:.0f} s")
         alone = run_locust(url, {"acme": (1, 0.5)}, args.alone_s, args.max_tokens, Path(tmp) / "alone.json")
         rss_before = replica_rss_bytes()
         log(f"phase flood: initech x{args.flood_users}, {args.duration_s:.0f} s")
-        flood = run_locust(url, {"acme": (1, 0.5), "globex": (2, 0.5), "initech": (args.flood_users, 0.0)},
+        flood = run_locust(url, {"acme": (1, 0.5), "globex": (2, 0.5), FLOODER: (args.flood_users, args.flood_wait_s)},
                            args.duration_s, args.max_tokens, Path(tmp) / "flood.json")
         rss_after = replica_rss_bytes()
         serve.delete(APP)
