@@ -8,6 +8,8 @@ Configured in serve_config.yaml as a `TenantsConfig`:
       globex: {keys: [sk-globex-...]}          # plaintext: hashed at load, then dropped
     admin_key_sha256: [...]          # admin callers (see `Caller`); `admin_keys` likewise
     keys_env: LORA_SERVE_API_KEYS    # optional: more keys from the environment, read once at start
+    rate_limit: {requests_per_s: 5, burst: 10}   # optional, each tenant's (a tenant's own overrides it)
+    queue_share: 0.5                 # the most of the app's queue one tenant holds (`max_in_flight` its own)
 
 `keys_env` names an environment variable of comma-separated `<tenant>:<key>` entries, where the
 tenant `admin` means an admin key: `LORA_SERVE_API_KEYS="acme:sk-a1b2...,admin:sk-c3d4..."`.
@@ -28,8 +30,8 @@ Checked at load, refused with a message that says how to fix it (never showing a
 
 `KeyRing.authenticate` hashes the presented key and compares it with every stored sha256 through
 `hmac.compare_digest`, going on after a match, so the time taken does not tell whether or which
-key matched. Only hashes are kept: the config object (which Ray shows in its dashboard) and the
-process hold no key. sha256 is not a password hash, so keys must be random (`secrets.token_urlsafe`),
+key matched. Only hashes are kept: the config object and the process hold no key (Ray still
+shows the args as given: `PLAINTEXT_KEYS_WARNING`). sha256 is not a password hash, so keys must be random (`secrets.token_urlsafe`),
 not chosen by people. Pure module: no Ray, no FastAPI.
 """
 
@@ -146,7 +148,6 @@ class TenantsConfig(BaseModel):
         None, description="environment variable with more keys: 'tenant:key,admin:key', read at start")
     rate_limit: RateLimit | None = Field(None, description="each tenant's completions rate (429 over it); "
                                          "default: none")
-
     queue_share: float = Field(0.5, gt=0, le=1, description="the share of the app's queue (replicas x "
                                "max_ongoing_requests + max_queued_requests) one tenant may hold in flight; 1: no cap")
 
@@ -243,6 +244,21 @@ def _keys_from_env(text: str, variable: str) -> list[tuple[str, str]]:
     return owned
 
 
+class _PlaintextTenant(BaseModel):
+    keys: list[str] = []
+
+
+class PlaintextKeys(BaseModel):
+    """The plaintext keys of a tenants config as given, before `TenantsConfig` hashes them (the
+    args Ray keeps are that raw form: see `PLAINTEXT_KEYS_WARNING`)."""
+
+    admin_keys: list[str] = []
+    tenants: dict[str, _PlaintextTenant] = {}
+
+    def any(self) -> bool:
+        return bool(self.admin_keys) or any(t.keys for t in self.tenants.values())
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who sent a request: a tenant (`tenant` set), or an admin (`tenant=None, is_admin=True`),
@@ -262,21 +278,6 @@ class Caller:
 
 ADMIN_CALLER = Caller(tenant=None, is_admin=True)
 OPEN_ACCESS = ADMIN_CALLER  # every request under `auth: none`
-class _PlaintextTenant(BaseModel):
-    keys: list[str] = []
-
-
-class PlaintextKeys(BaseModel):
-    """The plaintext keys of a tenants config as given, before `TenantsConfig` hashes them (the
-    args Ray keeps are that raw form: see `PLAINTEXT_KEYS_WARNING`)."""
-
-    admin_keys: list[str] = []
-    tenants: dict[str, _PlaintextTenant] = {}
-
-    def any(self) -> bool:
-        return bool(self.admin_keys) or any(t.keys for t in self.tenants.values())
-
-
 PLAINTEXT_KEYS_WARNING = (
     "the tenants config holds plaintext keys (`keys` / `admin_keys`): they are hashed here, but Ray keeps the "
     "app's args as given, readable with `serve config` and on the dashboard; use key_sha256 / admin_key_sha256 "

@@ -57,10 +57,15 @@ def test_local_version_follows_content_not_mtime(local_root):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 3}))
     assert source.list_adapters()["acme/bot"].version not in (first.version, changed.version)
 
-def test_local_hash_cache_skips_rehashing_unchanged_files(local_root):
+def _age(root: Path) -> None:
+    """Files written an hour ago: past the racy window, so their hashes are cached."""
     old = time.time() - 3600
-    for path in local_root.rglob("*"):
+    for path in root.rglob("*"):
         os.utime(path, (old, old))
+
+
+def test_local_hash_cache_skips_rehashing_unchanged_files(local_root):
+    _age(local_root)
     cache = FileHashCache(max_entries=8)
     source = LocalSource(local_root, hash_cache=cache)
     first = source.list_adapters()
@@ -75,9 +80,7 @@ def test_local_hash_cache_skips_rehashing_unchanged_files(local_root):
 def test_a_hash_cache_smaller_than_the_root_still_hits_and_forgets_removed_files(local_root):
     """A listing reads the files in the same order every time: an LRU smaller than the root would
     evict each file just before it is read again (no hits ever)."""
-    old = time.time() - 3600
-    for path in local_root.rglob("*"):
-        os.utime(path, (old, old))
+    _age(local_root)
     cache = FileHashCache(max_entries=2)
     source = LocalSource(local_root, hash_cache=cache)
     first = source.list_adapters()
@@ -87,6 +90,7 @@ def test_a_hash_cache_smaller_than_the_root_still_hits_and_forgets_removed_files
     shutil.rmtree(Path(kept[0]).parent)
     source.list_adapters()
     assert all(Path(path).parent.exists() for path in cache._entries)
+
 
 def test_local_hash_cache_rehashes_recently_written_files(tmp_path):
     path = tmp_path / "f"
