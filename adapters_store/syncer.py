@@ -288,9 +288,12 @@ class AdapterSyncer:
         adapter_id = validate_adapter_id(adapter_id)
         spec = SourceSpec.of(SourceInput(uri=uri, adapter_id=adapter_id, options=options or {}))
         with self._sync_lock, self._lock:
-            listing = self._source_for(spec).list_adapters()
+            source = self._source_for(spec)
+            listing = source.list_adapters()
             if adapter_id not in listing:
-                raise InvalidAdapterError(f"{spec.uri} holds no adapter files", "missing_file")
+                skipped = "; ".join(getattr(source, "skipped", {}).values())  # e.g. a file linking out
+                raise InvalidAdapterError(f"{spec.uri} holds no adapter files" + (f" ({skipped})" if skipped else ""),
+                                          "missing_file")
             self._release(adapter_id, keep=spec.key)  # registered again from elsewhere: the new place wins
             self._specs[spec.key] = spec
             self._health.setdefault(spec.key, SourceHealth())

@@ -454,3 +454,16 @@ def test_a_sync_downloading_holds_no_lock_that_deletes_and_status_wait_for(tmp_p
         syncer.record("acme/pirate")
     assert syncer.record("shared/french").status == "ready"
     assert not (tmp_path / "store" / "staging" / "acme" / "pirate").exists()
+
+
+def test_a_registration_whose_weights_link_out_of_the_folder_says_so(tmp_path, geometry, place):
+    outside = place(tmp_path / "outside" / "acme" / "pirate")
+    folder = tmp_path / "src" / "acme" / "pirate"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_bytes((outside / "adapter_config.json").read_bytes())
+    (folder / WEIGHTS).symlink_to(outside / WEIGHTS)
+    syncer = make_syncer(tmp_path, geometry)
+    with pytest.raises(InvalidAdapterError, match="links outside the source folder") as refused:
+        syncer.register("acme/pirate", str(folder))
+    assert refused.value.reason == "missing_file"
+    assert syncer.records() == []
