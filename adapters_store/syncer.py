@@ -133,9 +133,10 @@ def _as_invalid(error: Exception) -> InvalidAdapterError:
 
 class AdapterSyncer:
     """Thread-safe. `_sync_lock` runs one sync (or registration, or merge) at a time; `_lock`
-    guards the state and is never held across a sync's listing or downloads, so a delete, a pin
-    or a status waits for no download. Reads take the registry's own lock. Callers (the store
-    actor) use these methods, never `registry` itself."""
+    guards the state and is not held across a listing or a download, so a delete, a pin or a
+    status waits for no download. A merge is the exception: it holds `_lock` while it reads its
+    inputs' copies and registers the result, so none of them is deleted under it. Reads take the
+    registry's own lock. Callers (the store actor) use these methods, never `registry` itself."""
 
     def __init__(
         self,
@@ -268,17 +269,19 @@ class AdapterSyncer:
     def add_source(self, source: SourceInput) -> tuple[SourceSpec, SyncReport]:
         """Watch a new source and sync it now. An unreachable source is refused (nothing kept)."""
         spec = SourceSpec.of(source)
-        with self._sync_lock, self._lock:
-            if spec.key in self._specs:
-                return self._specs[spec.key], self.sync([spec.key])
-            self._source_for(spec)  # unknown options fail here, before anything is kept
-            self._specs[spec.key] = spec
-            self._health[spec.key] = SourceHealth()
+        with self._sync_lock:
+            with self._lock:
+                known = spec.key in self._specs
+                if not known:
+                    self._source_for(spec)  # unknown options fail here, before anything is kept
+                    self._specs[spec.key] = spec
+                    self._health[spec.key] = SourceHealth()
             report = self.sync([spec.key])
-            if spec.key in report.source_errors:
-                self._forget_spec(spec.key)
-                raise _about(spec, report.source_errors[spec.key])
-            return self._specs[spec.key], report
+            with self._lock:
+                if not known and spec.key in report.source_errors:
+                    self._forget_spec(spec.key)
+                    raise _about(spec, report.source_errors[spec.key])
+                return self._specs.get(spec.key, spec), report
 
     def register(self, adapter_id: str, uri: str, options: Optional[dict[str, Any]] = None) -> tuple[AdapterRecord, SyncReport]:
         """Serve the adapter in the folder at `uri` as `adapter_id`: fetched and validated now.
@@ -287,16 +290,18 @@ class AdapterSyncer:
         a checkpoint that fails validation is recorded as rejected (HTTP callers get 422)."""
         adapter_id = validate_adapter_id(adapter_id)
         spec = SourceSpec.of(SourceInput(uri=uri, adapter_id=adapter_id, options=options or {}))
-        with self._sync_lock, self._lock:
-            source = self._source_for(spec)
+        with self._sync_lock:
+            with self._lock:
+                source = self._source_for(spec)
             listing = source.list_adapters()
             if adapter_id not in listing:
                 skipped = "; ".join(getattr(source, "skipped", {}).values())  # e.g. a file linking out
                 raise InvalidAdapterError(f"{spec.uri} holds no adapter files" + (f" ({skipped})" if skipped else ""),
                                           "missing_file")
-            self._release(adapter_id, keep=spec.key)  # registered again from elsewhere: the new place wins
-            self._specs[spec.key] = spec
-            self._health.setdefault(spec.key, SourceHealth())
+            with self._lock:
+                self._release(adapter_id, keep=spec.key)  # registered again from elsewhere: the new place wins
+                self._specs[spec.key] = spec
+                self._health.setdefault(spec.key, SourceHealth())
             report = self.sync([spec.key], force=True)
             if spec.key in report.source_errors:
                 raise _about(spec, report.source_errors[spec.key])

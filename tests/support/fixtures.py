@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters_store.sources import source_for_uri
 from adapters_store.syncer import AdapterSyncer
 from lora_core.geometry import SlotGeometry, slot_geometry
 from lora_core.settings import EngineConfig, SourceInput, StoreConfig
@@ -84,6 +85,6 @@ class Clock:
         return self.now
 
 
-def make_syncer(tmp_path, geometry, sources=(), clock=None, **config) -> AdapterSyncer:
+def make_syncer(tmp_path, geometry, sources=(), clock=None, source_factory=source_for_uri, **config) -> AdapterSyncer:
     settings = StoreConfig(root=str(tmp_path / "store"), sources=[SourceInput(**s) for s in sources], **config)
-    return AdapterSyncer(settings, geometry, monotonic=clock or Clock())
+    return AdapterSyncer(settings, geometry, monotonic=clock or Clock(), source_factory=source_factory)

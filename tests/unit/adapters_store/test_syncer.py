@@ -409,51 +409,81 @@ def test_a_lost_serving_copy_is_fetched_from_its_own_folder_never_a_whole_root(t
     assert syncer.serving_checkpoint("globex/secret")[0] != secret_before
 
 
-def test_a_sync_downloading_holds_no_lock_that_deletes_and_status_wait_for(tmp_path, geometry, place):
-    """A download of a new version is held at a gate: meanwhile status, pin and a delete answer,
-    and the deleted adapter is not brought back by the sync that fetched it."""
-    folder = place(tmp_path / "src" / "acme" / "pirate")
-    place(tmp_path / "src" / "shared" / "french", seed=1)
-    downloading, gate = threading.Event(), threading.Event()
+class GatedDownloads:
+    """A source factory whose downloads wait at a gate (open until `close()`), to see what the
+    syncer answers while one is in progress."""
 
-    def gated_source(uri, **options):
+    def __init__(self) -> None:
+        self.downloading, self._gate = threading.Event(), threading.Event()
+        self._gate.set()
+
+    def close(self) -> None:
+        self._gate.clear()
+
+    def open(self) -> None:
+        self._gate.set()
+
+    def __call__(self, uri, **options):
         source = source_for_uri(uri, **options)
         fetch_many = source.fetch_many
 
         def held(adapters, dest_root, max_workers=4):
             adapters = list(adapters)
-            if adapters:
-                downloading.set()
-                assert gate.wait(30)
+            if adapters and not self._gate.is_set():
+                self.downloading.set()
+                assert self._gate.wait(30)
             return fetch_many(adapters, dest_root, max_workers=max_workers)
 
         source.fetch_many = held
         return source
 
-    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}])
-    gate.set()
-    syncer.sync()
-    gate.clear()
-    syncer._source_factory, syncer._sources = gated_source, {}
-    place(folder, seed=1)
-    place(tmp_path / "src" / "shared" / "french", seed=0)
-    background = threading.Thread(target=syncer.sync)
+
+def meanwhile(work, gated: GatedDownloads, calls):
+    """Run `work` in the background held at the gate, then each of `calls` (blocked behind the
+    download: TimeoutError); their answers."""
+    background = threading.Thread(target=work)
+    gated.close()
     background.start()
     try:
-        assert downloading.wait(10)
-        with concurrent.futures.ThreadPoolExecutor(1) as meanwhile:  # blocked behind the download: TimeoutError
-            assert meanwhile.submit(syncer.status).result(timeout=5)["adapters"] == 2
-            assert meanwhile.submit(syncer.pin, "shared/french", 1).result(timeout=5).pin_replicas == 1
-            deleted = meanwhile.submit(syncer.delete, "acme/pirate").result(timeout=5)
-            assert deleted == [AdapterChange("acme/pirate", None)]
+        assert gated.downloading.wait(10)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return [pool.submit(call).result(timeout=5) for call in calls]
     finally:
-        gate.set()
+        gated.open()
         background.join(10)
-    assert not background.is_alive()
+        assert not background.is_alive()
+
+
+def test_a_sync_downloading_holds_no_lock_that_deletes_and_status_wait_for(tmp_path, geometry, place):
+    """A download of a new version is held at a gate: meanwhile status, pin and a delete answer,
+    and the deleted adapter is not brought back by the sync that fetched it."""
+    folder = place(tmp_path / "src" / "acme" / "pirate")
+    place(tmp_path / "src" / "shared" / "french", seed=1)
+    gated = GatedDownloads()
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}], source_factory=gated)
+    syncer.sync()
+    place(folder, seed=1)
+    place(tmp_path / "src" / "shared" / "french", seed=0)
+    status, pinned, deleted = meanwhile(syncer.sync, gated, [
+        syncer.status, lambda: syncer.pin("shared/french", 1), lambda: syncer.delete("acme/pirate")])
+    assert status["adapters"] == 2 and pinned.pin_replicas == 1
+    assert deleted == [AdapterChange("acme/pirate", None)]
     with pytest.raises(AdapterNotFoundError):
         syncer.record("acme/pirate")
     assert syncer.record("shared/french").status == "ready"
     assert not (tmp_path / "store" / "staging" / "acme" / "pirate").exists()
+
+
+def test_a_registration_downloading_holds_no_lock_that_status_and_pins_wait_for(tmp_path, geometry, place):
+    place(tmp_path / "src" / "shared" / "french")
+    extra = place(tmp_path / "extra", seed=1)
+    gated = GatedDownloads()
+    syncer = make_syncer(tmp_path, geometry, [{"uri": str(tmp_path / "src")}], source_factory=gated)
+    syncer.sync()
+    status, pinned = meanwhile(lambda: syncer.register("acme/extra", str(extra)), gated, [
+        syncer.status, lambda: syncer.pin("shared/french", 1)])
+    assert status["adapters"] == 2 and pinned.pin_replicas == 1
+    assert syncer.record("acme/extra").status == "ready"
 
 
 def test_a_registration_whose_weights_link_out_of_the_folder_says_so(tmp_path, geometry, place):
