@@ -3,7 +3,8 @@
 FastAPI decodes a body before it runs a route's dependencies, so with the key checked only there
 a body that is not JSON got 422 whatever the key, and a caller with no key could make the ingress
 parse a body. This ASGI middleware answers 401 (no or unknown key) and 403 (a tenant key on
-`/admin`) first; the routes' own dependencies still say who the caller is.
+`/admin`) first, and leaves the caller in the request's state (`CALLER_STATE`) for the routes'
+dependencies, so a key is hashed and compared once per request.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from deployments.http_errors import error_response
 from deployments.tenants import Caller
 from lora_core.errors import ForbiddenError, LoraServeError
 
-__all__ = ["KeyCheck", "required_caller"]
+__all__ = ["ADMIN_NEEDED", "CALLER_STATE", "KeyCheck", "required_caller"]
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ADMIN_NEEDED = "this needs an admin key"
+CALLER_STATE = "caller"  # `request.state.caller` for the routes behind it
 
 
 def required_caller(path: str) -> Optional[Literal["any", "admin"]]:
@@ -45,4 +47,5 @@ class KeyCheck:
             except LoraServeError as error:
                 await error_response(error)(scope, receive, send)
                 return
+            scope.setdefault("state", {})[CALLER_STATE] = caller
         await self.app(scope, receive, send)

@@ -48,7 +48,7 @@ import math
 import time
 from typing import AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -60,7 +60,7 @@ from deployments import http_errors
 from deployments.body_limit import BodySizeLimit
 from deployments.contracts import Combination, GenerationChunk, GenerationRequest
 from deployments.deploy_config import RouterSettings, RouterUserConfig
-from deployments.key_check import ADMIN_NEEDED, KeyCheck
+from deployments.key_check import ADMIN_NEEDED, CALLER_STATE, KeyCheck
 from deployments.metrics import IngressMetrics, adapter_label
 from deployments.queue_shares import QueueShares
 from deployments.rate_limits import TenantRateLimiter
@@ -128,8 +128,10 @@ def _authenticate(authorization: str | None) -> Caller:
     return _KEYRING[0].authenticate(authorization)
 
 
-async def current_caller(authorization: str | None = Header(None)) -> Caller:
-    return _authenticate(authorization)
+async def current_caller(request: Request) -> Caller:
+    """The caller `KeyCheck` authenticated; a route outside its paths authenticates here."""
+    caller = getattr(request.state, CALLER_STATE, None)
+    return caller if caller is not None else _authenticate(request.headers.get("authorization"))
 
 
 async def admin_caller(caller: Caller = Depends(current_caller)) -> Caller:
