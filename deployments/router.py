@@ -101,6 +101,7 @@ STORE_CALL_TIMEOUT_S = 15.0
 STORE_WRITE_TIMEOUT_S = 300.0
 STORE_DOWNLOADING_CALLS = frozenset({"register", "add_source", "sync_now", "merge"})
 STORE_RETRY_AFTER_S = 5
+NO_STORE = "this server has no adapter store (set `store` in the app's args)"
 REPLICA_RETRY_DELAY_S = 0.25
 T = TypeVar("T")
 
@@ -462,7 +463,7 @@ class Router:
     def _allowed_source(self, uri: str, options: dict) -> tuple[str, dict]:
         """The URI and the options to fetch it with, if it lies under an allowed root (`allowlist`)."""
         if self.settings.store is None:
-            raise AdapterNotFoundError("this server has no adapter store (set `store` in the app's args)")
+            raise AdapterNotFoundError(NO_STORE)
         return checked_source(uri, options, self.settings.store)
 
     async def _store_call(self, method: str, *args, **kwargs):
@@ -470,7 +471,7 @@ class Router:
         is back, and a caller gets 503 + Retry-After instead of waiting. Calls that download
         (registrations, syncs, merges) get longer, and may still finish after a 503."""
         if self.store is None:
-            raise AdapterNotFoundError("this server has no adapter store (set `store` in the app's args)")
+            raise AdapterNotFoundError(NO_STORE)
         timeout_s = STORE_WRITE_TIMEOUT_S if method in STORE_DOWNLOADING_CALLS else STORE_CALL_TIMEOUT_S
         try:
             with typed_ray_errors("the adapter store"):

@@ -31,8 +31,8 @@ Checked at load, refused with a message that says how to fix it (never showing a
 `KeyRing.authenticate` hashes the presented key and compares it with every stored sha256 through
 `hmac.compare_digest`, going on after a match, so the time taken does not tell whether or which
 key matched. Only hashes are kept: the config object and the process hold no key (Ray still
-shows the args as given: `PLAINTEXT_KEYS_WARNING`). sha256 is not a password hash, so keys must be random (`secrets.token_urlsafe`),
-not chosen by people. Pure module: no Ray, no FastAPI.
+shows the args as given: `PLAINTEXT_KEYS_WARNING`). sha256 is not a password hash, so keys must
+be random (`secrets.token_urlsafe`), not chosen by people. Pure module: no Ray, no FastAPI.
 """
 
 from __future__ import annotations
